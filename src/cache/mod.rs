@@ -1,0 +1,1 @@
+//! Content-addressed store: entries, journals, locks, gc.

@@ -1,0 +1,1 @@
+//! Experiment files: raw serde structs -> resolved, validated spec; sweeps.

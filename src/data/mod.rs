@@ -1,0 +1,1 @@
+//! Datasets (ImageFolder), class lists, image decode/resize/augment, CSV manifests.

@@ -1,0 +1,1 @@
+//! Executors: local (threads, devices).

@@ -1,0 +1,1 @@
+//! Model families on ONNX Runtime.

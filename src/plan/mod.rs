@@ -1,0 +1,1 @@
+//! The DAG (petgraph), node keys (blake3), and "why does this node rerun".

@@ -1,0 +1,1 @@
+//! ONNX Runtime: library discovery, environment, execution providers, sessions, model directories.
