@@ -1,3 +1,381 @@
-fn main() {
-    println!("cip");
+//! The `cip` command line: raw arguments -> resolved settings -> library calls. No logic lives here
+//! beyond choosing paths and printing.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+use cip::cache::Cache;
+use cip::config::Experiment;
+use cip::exec::{self, RunOptions};
+use cip::nodes::RunSettings;
+use cip::plan::{Plan, Status};
+
+#[derive(Parser)]
+#[command(
+    name = "cip",
+    version,
+    about = "Declarative experiment orchestrator for training-data synthesis"
+)]
+struct Cli {
+    /// More log output (-v: debug, -vv: trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct CacheArg {
+    /// Cache root [default: $CIP_CACHE, else .cip/cache beside the experiment file].
+    #[arg(long, value_name = "DIR")]
+    cache: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an experiment: every node not already cached, then the result table.
+    Run {
+        file: PathBuf,
+        /// Run only this node (and what it needs).
+        #[arg(long, value_name = "NODE")]
+        only: Option<String>,
+        /// Run only this variant (its id as `cip plan` prints it, or its index).
+        #[arg(long, value_name = "K")]
+        variant: Option<String>,
+        #[command(flatten)]
+        cache: CacheArg,
+        /// Where result tables go [default: results/<experiment>].
+        #[arg(long, value_name = "DIR")]
+        results: Option<PathBuf>,
+        /// Execution provider: cpu, cuda:N or tensorrt:N [default: the experiment's [run] provider].
+        #[arg(long)]
+        provider: Option<String>,
+        /// Threads per node (0: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Show every node and variant: cached, runs or partial, and why a node reruns.
+    Plan {
+        file: PathBuf,
+        #[command(flatten)]
+        cache: CacheArg,
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the cache's entries, partial entries and locks.
+    Status {
+        #[command(flatten)]
+        cache: CacheArg,
+    },
+    /// Remove cache entries that none of the given experiments references.
+    Gc {
+        /// Experiments whose entries are kept.
+        #[arg(long, required = true, num_args = 1.., value_name = "FILE")]
+        keep: Vec<PathBuf>,
+        #[command(flatten)]
+        cache: CacheArg,
+        /// Only say what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Write the result table from finished evaluations (runs nothing).
+    Report {
+        file: PathBuf,
+        #[command(flatten)]
+        cache: CacheArg,
+        #[arg(long, value_name = "DIR")]
+        results: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            // Library errors carry their cause in their own message: print the outermost only.
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    let level = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CIP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+}
+
+fn cache_root(arg: &CacheArg, experiment: Option<&Path>) -> PathBuf {
+    if let Some(c) = &arg.cache {
+        return c.clone();
+    }
+    if let Some(c) = std::env::var_os("CIP_CACHE") {
+        return PathBuf::from(c);
+    }
+    let dir = experiment
+        .and_then(|f| f.parent())
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    dir.join(".cip").join("cache")
+}
+
+fn load(file: &Path) -> Result<Experiment> {
+    Ok(Experiment::load(file)?)
+}
+
+fn dispatch(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Run {
+            file,
+            only,
+            variant,
+            cache,
+            results,
+            provider,
+            threads,
+        } => {
+            let exp = load(&file)?;
+            let plan = Plan::build(&exp)?;
+            let cache = Cache::open(cache_root(&cache, Some(&file)))?;
+            let opts = RunOptions { only, variant };
+            let selected = exec::local::select(&exp, &plan, &opts)?;
+            let settings = RunSettings {
+                provider: provider.unwrap_or_else(|| exp.run.provider.clone()),
+                threads: threads.unwrap_or(exp.run.threads),
+                devices: exp.run.devices.clone(),
+                show_progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            let report = exec::run_local(&exp, &plan, &cache, &selected, &settings);
+            if report.failed == 0
+                && !exp.report.eval.is_empty()
+                && opts.only.is_none()
+                && opts.variant.is_none()
+            {
+                let table = cip::report::build(&exp, &plan, &cache)?;
+                let dir = results.unwrap_or_else(|| PathBuf::from("results").join(&exp.name));
+                let (csv, md) = table.write(&dir, &exp.name)?;
+                tracing::info!("wrote {} and {}", csv.display(), md.display());
+            }
+            for (node, error) in &report.failures {
+                eprintln!("error: node `{node}` failed: {error}");
+            }
+            println!("{}", report.summary_line());
+            Ok(if report.failed > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Plan { file, cache, json } => {
+            let exp = load(&file)?;
+            let plan = Plan::build(&exp)?;
+            let cache = Cache::open(cache_root(&cache, Some(&file)))?;
+            let status = plan.status(&exp, &cache);
+            if json {
+                let doc = serde_json::json!({
+                    "experiment": exp.name,
+                    "file": file,
+                    "variants": exp.variants.iter().map(|v| serde_json::json!({"id": v.id(), "labels": v.labels})).collect::<Vec<_>>(),
+                    "nodes": status,
+                });
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                print!("{}", render_plan(&exp, &status));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { cache } => {
+            let cache = Cache::open(cache_root(&cache, None))?;
+            let entries = cache.list()?;
+            println!("cache {}", cache.root().display());
+            for e in &entries {
+                println!("{}", render_entry(e));
+            }
+            println!("{} entries", entries.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gc {
+            keep,
+            cache,
+            dry_run,
+        } => {
+            let cache = Cache::open(cache_root(&cache, keep.first().map(PathBuf::as_path)))?;
+            let mut keys = std::collections::HashSet::new();
+            for file in &keep {
+                let exp = load(file)?;
+                let plan = Plan::build(&exp)?;
+                for n in &plan.nodes {
+                    keys.insert((n.kind.name().to_string(), n.key.clone()));
+                }
+            }
+            let report = cache.gc(&keys, dry_run)?;
+            let verb = if report.dry_run {
+                "would remove"
+            } else {
+                "removed"
+            };
+            for item in &report.removed {
+                println!(
+                    "{verb} {:?} {}/{} ({})",
+                    item.what,
+                    item.kind,
+                    &item.key[..item.key.len().min(12)],
+                    human_bytes(item.bytes)
+                );
+            }
+            for (kind, key, _) in &report.skipped_locked {
+                println!(
+                    "kept {kind}/{}: locked by a live process",
+                    &key[..key.len().min(12)]
+                );
+            }
+            println!(
+                "{verb} {} item(s), {} · kept {} referenced entr{}",
+                report.removed.len(),
+                human_bytes(report.bytes_freed),
+                report.kept_entries,
+                if report.kept_entries == 1 { "y" } else { "ies" }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report {
+            file,
+            cache,
+            results,
+        } => {
+            let exp = load(&file)?;
+            let plan = Plan::build(&exp)?;
+            let cache = Cache::open(cache_root(&cache, Some(&file)))?;
+            let table = cip::report::build(&exp, &plan, &cache)?;
+            let dir = results.unwrap_or_else(|| PathBuf::from("results").join(&exp.name));
+            let (csv, md) = table.write(&dir, &exp.name)?;
+            println!("{}\n{}", csv.display(), md.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn render_plan(exp: &Experiment, status: &[cip::plan::NodeStatus]) -> String {
+    let count = |s: Status| status.iter().filter(|n| n.status == s).count();
+    let uses: usize = exp.variants.iter().map(|v| v.nodes.len()).sum();
+    let mut out = format!(
+        "{}: {} variant{}, {} nodes ({} unique): {} cached · {} to run · {} partial\n",
+        exp.name,
+        exp.variants.len(),
+        if exp.variants.len() == 1 { "" } else { "s" },
+        uses,
+        status.len(),
+        count(Status::Cached),
+        count(Status::Runs),
+        count(Status::Partial)
+    );
+    let width = status
+        .iter()
+        .map(|n| n.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let kwidth = status
+        .iter()
+        .map(|n| n.kind.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let all = exp.variants.len();
+    for n in status {
+        let variants = if n.variants.len() == all && all > 1 {
+            format!("all {all} variants")
+        } else {
+            n.variants.join(" ")
+        };
+        let extra = match n.journal_records {
+            Some(r) => format!(" ({r} items journaled)"),
+            None => String::new(),
+        };
+        out.push_str(&format!(
+            "  {:<7}  {:<kwidth$}  {:<width$}  {}  {}{}\n",
+            n.status.to_string(),
+            n.kind,
+            n.name,
+            &n.key[..12],
+            variants,
+            extra
+        ));
+        for c in &n.changed {
+            out.push_str(&format!("           changed since last run: {c}\n"));
+        }
+    }
+    out
+}
+
+fn render_entry(e: &cip::cache::EntrySummary) -> String {
+    use cip::cache::SummaryStatus;
+    let what = match &e.status {
+        SummaryStatus::Complete { node } => format!("complete  {node}"),
+        SummaryStatus::Partial { journal_records } => {
+            format!("partial   {journal_records} items journaled")
+        }
+        SummaryStatus::Lock(l) => match &l.holder {
+            Some(h) => format!(
+                "lock      held by pid {} on {} ({}; heartbeat {}s ago)",
+                h.pid,
+                h.host,
+                if l.alive() { "alive" } else { "stale" },
+                l.heartbeat_age_secs
+            ),
+            None => "lock      unreadable".to_string(),
+        },
+        SummaryStatus::Debris => "debris".to_string(),
+    };
+    format!(
+        "{:<10} {}  {:>9}  {:>6}  {what}",
+        e.kind,
+        &e.key[..e.key.len().min(12)],
+        human_bytes(e.bytes),
+        human_age(e.age_secs)
+    )
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = b as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u < UNITS.len() - 1 {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{x:.1} {}", UNITS[u])
+    }
+}
+
+fn human_age(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
 }

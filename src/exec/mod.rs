@@ -1,1 +1,9 @@
-//! Executors: local (threads, devices).
+//! Executors run a plan's nodes against the cache.
+//!
+//! The local executor runs ready nodes in topological order in this process. A node that fails
+//! keeps its partial entry (journal included) for the next run, its descendants are skipped, and
+//! every independent node still runs: nothing already computed is lost.
+
+pub mod local;
+
+pub use local::{run_local, RunOptions, RunReport};

@@ -1,0 +1,51 @@
+# cip: two commands on a fresh machine do all the set-up.
+#   make test   installs the Python reference stack (.venv) and runs every test tier
+#   make demo   runs the demo experiment on the bundled tiny models
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CARGO ?= cargo
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup test test-rust test-python parity demo build fixtures bench-plan clean-cache
+
+# The venv carries onnxruntime's shared library (cip finds it in .venv on its own) and the pinned
+# export/reference stack. The stamp makes reruns free until requirements change.
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: models/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r models/requirements.txt
+	@$(PY) -c "import onnxruntime, torch, diffusers, transformers; print('venv ok: onnxruntime', onnxruntime.__version__, 'torch', torch.__version__)"
+	touch $@
+
+build:
+	$(CARGO) build --release
+
+test: setup test-rust test-python
+
+# Rust tier: unit + integration tests on the committed fixtures. `test-kinds` adds the small
+# engine-test node kinds to the test build only.
+test-rust:
+	$(CARGO) test --features test-kinds
+
+# Python tier: export tool, parity of the exported graphs against the reference libraries,
+# fixture reproducibility.
+test-python: setup
+	$(PY) -m pytest models/tests -q
+
+# Regenerate every fixture and reference output, then check cip still matches them.
+parity: setup
+	$(PY) models/export.py fixtures --out tests/fixtures
+	$(MAKE) test-rust test-python
+
+demo: setup build
+	./target/release/cip data demo --out experiments/data/demo
+	./target/release/cip run experiments/demo.toml
+
+# `cip plan` over a fully cached 1.3 M-item experiment (see README, Performance).
+bench-plan: build
+	./target/release/cip bench plan --items 1300000
