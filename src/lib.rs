@@ -5,6 +5,7 @@
 //! nodes (`nodes`), which drive ONNX models (`runtime`, `models`) over datasets (`data`); `report`
 //! turns metrics into tables.
 
+pub mod bench;
 pub mod cache;
 pub mod config;
 pub mod data;

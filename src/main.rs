@@ -85,6 +85,9 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Benchmarks (printed figures, never timed assertions).
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Write the result table from finished evaluations (runs nothing).
     Report {
         file: PathBuf,
@@ -92,6 +95,20 @@ enum Command {
         cache: CacheArg,
         #[arg(long, value_name = "DIR")]
         results: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// `cip plan` on a fully cached experiment over an N-item manifest.
+    Plan {
+        #[arg(long, default_value_t = 1_300_000)]
+        items: usize,
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        /// Work directory [default: a temporary one, removed afterwards].
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
 }
 

@@ -5,5 +5,7 @@
 //! every independent node still runs: nothing already computed is lost.
 
 pub mod local;
+pub mod progress;
 
 pub use local::{run_local, RunOptions, RunReport};
+pub use progress::Progress;

@@ -65,6 +65,12 @@ impl NodeKind for Items {
         let todo: Vec<u64> = (0..p.count)
             .filter(|i| !done.contains(&item_id(*i)))
             .collect();
+        let mut progress = crate::exec::Progress::new(
+            ctx.node,
+            p.count,
+            p.count - todo.len() as u64,
+            ctx.settings.show_progress,
+        );
         for batch in todo.chunks(p.batch.max(1) as usize) {
             let mut records = Vec::new();
             for &i in batch {
@@ -79,6 +85,7 @@ impl NodeKind for Items {
                 );
             }
             journal.append_batch(&records)?;
+            progress.advance(records.len() as u64);
         }
         let mut rows: Vec<[String; 4]> = journal
             .records()

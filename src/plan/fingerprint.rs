@@ -4,7 +4,8 @@
 //! Datasets are fingerprinted by their (relative path, size, mtime) listing by default: hashing
 //! terabytes on every run is the top complaint about DVC. `fingerprint = "content"` opts in to a
 //! full content hash. Models use the digest the export tool recorded in `cip-model.toml`, checked
-//! against the recorded file sizes.
+//! against the recorded file sizes. A split that carries a `manifest.csv` (id, path, class) is
+//! fingerprinted by that file alone; image files it lists are then trusted not to change in place.
 
 use std::path::Path;
 use std::time::UNIX_EPOCH;
@@ -114,7 +115,7 @@ pub fn dataset_split(
 pub fn file_digest(path: &Path) -> Result<String, FingerprintError> {
     let mut hasher = blake3::Hasher::new();
     hasher
-        .update_mmap(path)
+        .update_mmap_rayon(path)
         .map_err(|e| FingerprintError(format!("cannot read {}: {e}", path.display())))?;
     Ok(hasher.finalize().to_hex().to_string())
 }
