@@ -779,7 +779,7 @@ fn an_empty_lock_file_is_respected_until_it_is_older_than_the_timeout() {
 }
 
 #[test]
-fn gc_removes_old_debris_only() {
+fn gc_removes_old_debris_and_damaged_entries() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = Cache::open(tmp.path())
         .unwrap()
@@ -791,6 +791,15 @@ fn gc_removes_old_debris_only() {
     fs::write(&old, "{}").unwrap();
     fs::write(&young, "{}").unwrap();
     age_file(&old, 600);
+    // A damaged entry is listed as such and collected like any unreferenced entry.
+    let damaged = kind_dir.join(KEY_C);
+    fs::create_dir_all(&damaged).unwrap();
+    fs::write(damaged.join("meta.json"), "{ not json").unwrap();
+    assert!(cache
+        .list()
+        .unwrap()
+        .iter()
+        .any(|s| s.key == KEY_C && matches!(s.status, SummaryStatus::Damaged { .. })));
     let debris: Vec<_> = cache
         .list()
         .unwrap()
@@ -800,8 +809,13 @@ fn gc_removes_old_debris_only() {
     assert_eq!(debris.len(), 2);
 
     let report = cache.gc(&HashSet::new(), false).unwrap();
-    assert_eq!(report.removed.len(), 1);
-    assert_eq!(report.removed[0].what, GcWhat::Debris);
+    let removed: Vec<_> = report
+        .removed
+        .iter()
+        .map(|i| (i.key.as_str(), i.what))
+        .collect();
+    assert_eq!(removed, [(KEY_B, GcWhat::Debris), (KEY_C, GcWhat::Entry)]);
+    assert!(!damaged.exists());
     assert!(!old.exists());
     assert!(young.exists());
 }
