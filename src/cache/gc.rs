@@ -13,7 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::error::CacheError;
 use super::lock::{self, unique_suffix, unix_now, LockStatus, TryLock};
-use super::{entry, is_key, journal, Cache, LOCK_SUFFIX, NAMES_DIR, PARTIAL_SUFFIX};
+use super::{entry, is_key, journal, Cache, LOCK_SUFFIX, META_FILE, NAMES_DIR, PARTIAL_SUFFIX};
 
 /// One thing in the cache, for `cip status`.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,9 +39,14 @@ pub enum SummaryStatus {
     Lock(LockStatus),
     /// Left over by an interrupted takeover, heartbeat or gc; gc removes it once old.
     Debris,
+    /// An entry directory whose metadata is missing or unreadable; gc removes it when it is not
+    /// referenced.
+    Damaged {
+        reason: String,
+    },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GcWhat {
     Entry,
     Partial,
@@ -200,16 +205,27 @@ impl Cache {
                     age_secs,
                 };
                 if let Some(dir) = &files.final_dir {
-                    // A directory without meta.json is not an entry; the next acquire removes it.
-                    if let Some(entry) = entry::read_entry(&kind, &key, dir)? {
-                        let age = unix_now().saturating_sub(entry.meta.finished_unix);
-                        out.push(summary(
+                    match entry::read_entry(&kind, &key, dir) {
+                        Ok(Some(entry)) => {
+                            let age = unix_now().saturating_sub(entry.meta.finished_unix);
+                            let node = entry.meta.node;
+                            out.push(summary(dir, SummaryStatus::Complete { node }, age));
+                        }
+                        // The next acquire removes a directory without meta.json.
+                        Ok(None) => out.push(summary(
                             dir,
-                            SummaryStatus::Complete {
-                                node: entry.meta.node,
+                            SummaryStatus::Damaged {
+                                reason: format!("no {META_FILE}"),
                             },
-                            age,
-                        ));
+                            age_of(dir),
+                        )),
+                        Err(e) => out.push(summary(
+                            dir,
+                            SummaryStatus::Damaged {
+                                reason: e.to_string(),
+                            },
+                            age_of(dir),
+                        )),
                     }
                 }
                 if let Some(dir) = &files.partial {

@@ -181,6 +181,13 @@ impl Cache {
             path: root.clone(),
             source,
         };
+        if fs::metadata(&root).is_ok_and(|m| !m.is_dir()) {
+            // create_dir_all would say only "File exists".
+            return Err(unwritable(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "it exists and is not a directory",
+            )));
+        }
         fs::create_dir_all(&root).map_err(unwritable)?;
         fs::read_dir(&root).map_err(unwritable)?;
         let probe = root.join(format!(".probe-{}", unique_suffix()));
