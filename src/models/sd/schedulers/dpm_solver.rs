@@ -9,7 +9,8 @@
 use std::borrow::Cow;
 
 use super::schedules::{
-    check_len, karras_sigmas, np_arange, np_interp_index, np_linspace, sigma_to_t, NoiseSchedule,
+    check_len, karras_sigmas, np_arange, np_interp_index, np_linspace, numpy_log_f32, sigma_to_t,
+    NoiseSchedule,
 };
 use super::{
     check_step_count, check_step_index, BetaSchedule, FinalSigmasType, PredictionType, Scheduler,
@@ -212,7 +213,11 @@ impl Scheduler for DpmSolverMultistepScheduler {
         };
 
         let mut sigmas: Vec<f64> = if self.use_karras_sigmas {
-            let log_sigmas: Vec<f32> = self.train_sigmas.iter().map(|s| s.ln()).collect();
+            let log_sigmas: Vec<f32> = self
+                .train_sigmas
+                .iter()
+                .map(|&s| numpy_log_f32(s))
+                .collect();
             let sigma_min = f64::from(self.train_sigmas[0]);
             let sigma_max = f64::from(self.train_sigmas[train - 1]);
             let sigmas = karras_sigmas(sigma_min, sigma_max, num_inference_steps);

@@ -4,8 +4,8 @@
 use std::borrow::Cow;
 
 use super::schedules::{
-    check_len, euler_timesteps, karras_sigmas, np_interp_index, sigma_input_scale, sigma_to_t,
-    NoiseSchedule,
+    check_len, euler_timesteps, karras_sigmas, np_interp_index, numpy_log_f32, sigma_input_scale,
+    sigma_to_t, NoiseSchedule,
 };
 use super::{
     check_step_count, check_step_index, FinalSigmasType, PredictionType, Scheduler,
@@ -101,7 +101,11 @@ impl Scheduler for EulerDiscreteScheduler {
             .map(|&t| np_interp_index(f64::from(t), &self.train_sigmas))
             .collect();
         if self.use_karras_sigmas {
-            let log_sigmas: Vec<f32> = self.train_sigmas.iter().map(|s| s.ln()).collect();
+            let log_sigmas: Vec<f32> = self
+                .train_sigmas
+                .iter()
+                .map(|&s| numpy_log_f32(s))
+                .collect();
             let sigma_min = self.sigma_min.unwrap_or(sigmas[sigmas.len() - 1]);
             let sigma_max = self.sigma_max.unwrap_or(sigmas[0]);
             sigmas = karras_sigmas(sigma_min, sigma_max, num_inference_steps);

@@ -19,6 +19,32 @@
 //! for the others), keys the scheduler does not know are ignored, and the kind may force some
 //! values (see [`SchedulerKind`]). Options diffusers has but cip does not implement are errors,
 //! never silently ignored.
+//!
+//! ```
+//! use cip::models::sd::noise::TorchGenerator;
+//! use cip::models::sd::schedulers::{build, SchedulerConfig, SchedulerKind};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Normally SchedulerConfig::from_file("<model>/scheduler/scheduler_config.json").
+//! let config = SchedulerConfig::from_json_str(
+//!     r#"{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}"#,
+//! )?;
+//! let mut scheduler = build("euler-a".parse::<SchedulerKind>()?, &config)?;
+//! scheduler.set_timesteps(20)?;
+//! // One generator per image, seeded as torch.Generator().manual_seed(seed).
+//! let mut generators = [TorchGenerator::new(42)];
+//! let noise = generators[0].randn(&[1, 4, 8, 8]);
+//! let mut latents: Vec<f32> = noise.iter().map(|x| x * scheduler.init_noise_sigma()).collect();
+//! for step in 0..scheduler.model_calls() {
+//!     let _timestep = scheduler.timesteps()[step];
+//!     let model_input = scheduler.scale_model_input(&latents, step)?;
+//!     // The UNet would predict the noise from `model_input` at `_timestep`.
+//!     let predicted_noise = vec![0.0f32; model_input.len()];
+//!     latents = scheduler.step(&predicted_noise, step, &latents, &mut generators)?;
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 mod ddim;
 mod dpm_solver;
@@ -349,9 +375,11 @@ fn deserialize_float_or_special<'de, D: Deserializer<'de>>(
         Float(f64),
         Name(String),
     }
-    match FloatOrName::deserialize(deserializer)? {
-        FloatOrName::Float(value) => Ok(value),
-        FloatOrName::Name(name) => match name.as_str() {
+    // serde_json writes non-finite floats as null: read null back as the default, -inf.
+    match Option::<FloatOrName>::deserialize(deserializer)? {
+        None => Ok(f64::NEG_INFINITY),
+        Some(FloatOrName::Float(value)) => Ok(value),
+        Some(FloatOrName::Name(name)) => match name.as_str() {
             "-Infinity" | "-inf" => Ok(f64::NEG_INFINITY),
             "Infinity" | "inf" => Ok(f64::INFINITY),
             "NaN" | "nan" => Ok(f64::NAN),
@@ -644,5 +672,15 @@ mod tests {
         let config =
             SchedulerConfig::from_json_str(r#"{"lambda_min_clipped": -Infinity}"#).unwrap();
         assert_eq!(config.lambda_min_clipped, f64::NEG_INFINITY);
+        let config = SchedulerConfig::from_json_str(r#"{"lambda_min_clipped": -5.1}"#).unwrap();
+        assert_eq!(config.lambda_min_clipped, -5.1);
+    }
+
+    #[test]
+    fn config_survives_a_json_round_trip() {
+        let config =
+            SchedulerConfig::from_json_str(r#"{"beta_schedule": "scaled_linear"}"#).unwrap();
+        let text = serde_json::to_string(&config).unwrap();
+        assert_eq!(SchedulerConfig::from_json_str(&text).unwrap(), config);
     }
 }
