@@ -1,1 +1,3 @@
 //! Model families on ONNX Runtime.
+
+pub mod sd;

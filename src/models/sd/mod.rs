@@ -1,0 +1,4 @@
+//! Stable Diffusion: torch-equal noise and diffusers-equal schedulers.
+
+pub mod noise;
+pub mod schedulers;
