@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import re
 import shutil
 import tempfile
@@ -134,10 +136,27 @@ def load_pipeline(source: str, variant: str | None = None):
     import torch
     from diffusers import StableDiffusionPipeline
 
+    local = Path(source).expanduser()
+    looks_like_path = source.startswith((".", "/", "~")) or local.exists()
+    if looks_like_path and not (local / "model_index.json").is_file():
+        raise SystemExit(
+            f"--source {source}: no model_index.json there. A local source is a directory written by "
+            f"StableDiffusionPipeline.save_pretrained (model_index.json, unet/, vae/, text_encoder/, ...)."
+        )
     kwargs: dict[str, Any] = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     if variant:
         kwargs["variant"] = variant
-    pipe = StableDiffusionPipeline.from_pretrained(source, dtype=torch.float32, **kwargs)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(local) if looks_like_path else source, dtype=torch.float32, **kwargs
+        )
+    except OSError as e:
+        if os.environ.get("HF_HUB_OFFLINE") == "1" and not looks_like_path:
+            raise SystemExit(
+                f"--source {source}: not in the local Hugging Face cache and the tool is offline. "
+                f"Pass --online (export.py --online sd ...) on a machine with network access.\n({e})"
+            ) from None
+        raise
     tokenizer = pipe.tokenizer
     # transformers 5 can return an empty tokenizer without an error (pitfalls.md).
     if len(tokenizer) <= 512 or tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
@@ -346,12 +365,30 @@ def _clean_config(cfg: dict[str, Any]) -> dict[str, Any]:
 def _write_json(path: Path, obj: Any) -> None:
     """Indented, sorted JSON, with lists of numbers kept on one line (token ids stay readable)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default)
+    text = json.dumps(_finite_json(obj), indent=2, sort_keys=True, default=_json_default, allow_nan=False)
     text = _NUMBER_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
     path.write_text(text + "\n", encoding="utf-8")
 
 
 _NUMBER_LIST = re.compile(r"\[\s*((?:-?[\d.eE+-]+,\s*)*-?[\d.eE+-]+)\s*\]")
+
+
+def _finite_json(value: Any) -> Any:
+    """JSON has no infinity or NaN (Python's "-Infinity" is not JSON; serde_json rejects it).
+    Write them as the strings "inf", "-inf", "nan" (e.g. DPM-Solver's lambda_min_clipped = -inf)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
+
+
+def parse_config_floats(config: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of the string encoding of non-finite floats, for feeding a config back to diffusers."""
+    special = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+    return {k: special.get(v, v) if isinstance(v, str) else v for k, v in config.items()}
 
 
 def _json_default(value: Any) -> Any:
@@ -734,6 +771,8 @@ def write_references(pipe, out_dir: Path) -> list[dict[str, Any]]:
         "euler-a then draws its per-step noise from the same generator",
         "image": "PNG of round(clamp(decoded / 2 + 0.5, 0, 1) * 255), as diffusers' output_type='pil'",
         "guidance": "classifier-free guidance only when guidance > 1; the negative prompt is ignored otherwise",
+        "scheduler_config": "every value the diffusers scheduler used; non-finite floats are the strings "
+        "'inf', '-inf', 'nan' (JSON has none)",
         "cases": cases,
         "intermediates": {
             "case": INTERMEDIATES_CASE,
