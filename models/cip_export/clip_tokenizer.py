@@ -115,20 +115,10 @@ def learn_merges(words: Counter[tuple[str, ...]], max_merges: int) -> list[tuple
     return merges
 
 
-def _base_vocab() -> dict[str, int]:
+def _vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
+    """Byte symbols, byte symbols + `</w>`, merge results in merge order, then bos and eos."""
     symbols = byte_symbols()
     vocab = {s: i for i, s in enumerate(symbols)}
-    for s in symbols:
-        vocab[s + END_OF_WORD] = len(vocab)
-    vocab[BOS_TOKEN] = len(vocab)
-    vocab[EOS_TOKEN] = len(vocab)
-    return vocab
-
-
-def build_vocab_and_merges(corpus: str = CORPUS, max_merges: int = 400) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    merges = learn_merges(_pretokenize(corpus), max_merges)
-    symbols = byte_symbols()
-    vocab: dict[str, int] = {s: i for i, s in enumerate(symbols)}
     for s in symbols:
         vocab[s + END_OF_WORD] = len(vocab)
     for a, b in merges:
@@ -136,7 +126,16 @@ def build_vocab_and_merges(corpus: str = CORPUS, max_merges: int = 400) -> tuple
         vocab.setdefault(a + b, len(vocab))
     vocab[BOS_TOKEN] = len(vocab)
     vocab[EOS_TOKEN] = len(vocab)
-    return vocab, merges
+    return vocab
+
+
+def _base_vocab() -> dict[str, int]:
+    return _vocab([])
+
+
+def build_vocab_and_merges(corpus: str = CORPUS, max_merges: int = 400) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    merges = learn_merges(_pretokenize(corpus), max_merges)
+    return _vocab(merges), merges
 
 
 def build_clip_tokenizer(model_max_length: int = 77, corpus: str = CORPUS, max_merges: int = 400):
@@ -171,6 +170,11 @@ def save_tokenizer_files(tokenizer, out_dir: Path) -> list[str]:
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Calling a transformers tokenizer leaves its last padding/truncation settings on the backend,
+    # and save_pretrained would write them into tokenizer.json. Save it in its neutral state (as
+    # the hub's tokenizer.json files are); the manifest says how long to pad.
+    tokenizer.backend_tokenizer.no_truncation()
+    tokenizer.backend_tokenizer.no_padding()
     tokenizer.save_pretrained(str(out_dir))
     # A tokenizer loaded from disk records how it was loaded; that is not part of the tokenizer.
     config_path = out_dir / "tokenizer_config.json"

@@ -31,6 +31,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device",
         default="cpu",
-        help="torch device to trace on (cuda is faster for SD-1.5 and needed by some fp16 ops)",
+        help="torch device to trace on, e.g. cuda (faster for the real SD-1.5)",
     )
     parser.add_argument(
         "--source-name",
@@ -212,13 +213,24 @@ def export_pipeline(
     exporter: str = "auto",
     external_data: str = "auto",
 ) -> dict[str, Any]:
-    """Write the model directory for `pipe` into out_dir (replacing it). Returns what was used."""
+    """Write the model directory for `pipe` to out_dir. Returns which exporter made each graph.
+
+    The directory is built as `<out_dir>.partial` and renamed when complete, so a crash never leaves
+    something that looks like a model. An existing out_dir is replaced only if it is a cip model
+    directory (has cip-model.toml): --out pointing at anything else is refused, not deleted.
+    """
     import torch
 
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
+    final_dir = Path(out_dir)
+    if final_dir.exists() and any(final_dir.iterdir()) and not (final_dir / common.MANIFEST).exists():
+        raise SystemExit(
+            f"--out {final_dir}: exists, is not empty and holds no {common.MANIFEST}; refusing to replace it. "
+            f"Choose a new directory or remove it yourself."
+        )
+    work_dir = final_dir.with_name(final_dir.name + ".partial")
+    if work_dir.exists():
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True)
 
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
     TextEncoder, UNet, VaeDecoder = _wrappers()
@@ -233,9 +245,10 @@ def export_pipeline(
     seq = tokenizer.model_max_length
     lat_h, lat_w = _dummy_latent_hw(unet_cfg)
     channels = unet_cfg.in_channels
-    ids = torch.full((batch, seq), tokenizer.pad_token_id, dtype=torch.int32)
-    ids[:, 0] = tokenizer.bos_token_id
-    ids[:, 1:4] = torch.arange(300, 303, dtype=torch.int32) % len(tokenizer)
+    ids = tokenizer(
+        ["a photo of a dog", "a photo of a cat"], padding="max_length", max_length=seq, truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(torch.int32)
     graphs = {
         "text_encoder": (
             TextEncoder(pipe.text_encoder),
@@ -275,7 +288,7 @@ def export_pipeline(
             in_names,
             out_names,
             {**in_axes, **out_axes},
-            out_dir / role / "model.onnx",
+            work_dir / role / "model.onnx",
             opset=opset,
             exporter=exporter,
             external_data=external_data,
@@ -283,24 +296,27 @@ def export_pipeline(
         # Modules go back to fp32 on the CPU: the caller may still use the pipeline.
         module.to(device="cpu", dtype=torch.float32)
 
-    _write_json(out_dir / "text_encoder" / "config.json", _clean_config(text_cfg.to_dict()))
-    _write_json(out_dir / "unet" / "config.json", _clean_config(dict(unet_cfg)))
-    _write_json(out_dir / "vae_decoder" / "config.json", _clean_config(dict(vae_cfg)))
-    _write_json(out_dir / "model_index.json", _clean_config(dict(pipe.config)) | {"_class_name": type(pipe).__name__})
-    _write_json(out_dir / "scheduler" / "scheduler_config.json", scheduler_file_config(pipe.scheduler))
+    _write_json(work_dir / "text_encoder" / "config.json", _clean_config(text_cfg.to_dict()))
+    _write_json(work_dir / "unet" / "config.json", _clean_config(dict(unet_cfg)))
+    _write_json(work_dir / "vae_decoder" / "config.json", _clean_config(dict(vae_cfg)))
+    _write_json(work_dir / "model_index.json", _clean_config(dict(pipe.config)) | {"_class_name": type(pipe).__name__})
+    _write_json(work_dir / "scheduler" / "scheduler_config.json", scheduler_file_config(pipe.scheduler))
     from .clip_tokenizer import save_tokenizer_files
 
-    save_tokenizer_files(tokenizer, out_dir / "tokenizer")
+    save_tokenizer_files(tokenizer, work_dir / "tokenizer")
 
     common.write_manifest(
-        out_dir,
+        work_dir,
         family="sd",
         dtype=dtype,
         source=source,
         graphs={role: f"{role}/model.onnx" for role in GRAPH_IO},
         config=manifest_config(pipe),
     )
-    total = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
+    total = sum(p.stat().st_size for p in work_dir.rglob("*") if p.is_file())
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    work_dir.rename(final_dir)
     return {"exporters": used, "total_bytes": total}
 
 
@@ -422,19 +438,22 @@ def export_graph(
     in one `model.onnx_data` file.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    errors: list[str] = []
     if exporter in ("auto", "dynamo"):
         try:
             model = _export_dynamo(module, args, input_names, output_names, dynamic_axes, opset)
-            _save_ir(model, path, external_data, output_names, dynamic_axes)
+            _save_ir(model, path, external_data, dynamic_axes)
             return "dynamo"
         except Exception as e:  # noqa: BLE001 - any exporter failure moves on to the fallback
             if exporter == "dynamo":
                 raise
-            errors.append(f"dynamo: {type(e).__name__}: {e}")
-            print(f"{path.parent.name}: dynamo exporter failed ({type(e).__name__}); using TorchScript")
+            reason = (str(e).strip().splitlines() or [""])[0][:300]
+            print(
+                f"{path.parent.name}: the dynamo exporter failed ({type(e).__name__}: {reason}); "
+                f"falling back to the TorchScript exporter",
+                file=sys.stderr,
+            )
     model = _export_torchscript(module, args, input_names, output_names, dynamic_axes, opset)
-    _save_ir(model, path, external_data, output_names, dynamic_axes)
+    _save_ir(model, path, external_data, dynamic_axes)
     return "torchscript"
 
 
@@ -488,7 +507,7 @@ def _export_torchscript(module, args, input_names, output_names, dynamic_axes, o
     return model
 
 
-def _save_ir(model, path: Path, external_data: str, output_names, dynamic_axes) -> None:
+def _save_ir(model, path: Path, external_data: str, dynamic_axes) -> None:
     """Save without exporter metadata (source paths and stack traces differ per machine, and would
     make fixtures irreproducible), with external data when needed or asked.
 
@@ -503,9 +522,12 @@ def _save_ir(model, path: Path, external_data: str, output_names, dynamic_axes) 
         if value.shape is not None and axes:
             value.shape = ir.Shape([axes.get(i, d) for i, d in enumerate(value.shape.dims)])
 
-    for node in model.graph.all_nodes() if hasattr(model.graph, "all_nodes") else _all_nodes(model.graph):
+    for node in model.graph.all_nodes():
         node.metadata_props.clear()
         node.doc_string = None
+        for value in node.outputs:
+            value.metadata_props.clear()
+            value.doc_string = None
     for value in list(model.graph.inputs) + list(model.graph.outputs) + list(model.graph.initializers.values()):
         value.metadata_props.clear()
         value.doc_string = None
@@ -523,12 +545,6 @@ def _save_ir(model, path: Path, external_data: str, output_names, dynamic_axes) 
         ir.save(model, str(path), external_data=EXTERNAL_DATA_NAME, size_threshold_bytes=1024)
     else:
         ir.save(model, str(path))
-
-
-def _all_nodes(graph):
-    import onnx_ir as ir
-
-    return ir.traversal.RecursiveGraphIterator(graph)
 
 
 # --------------------------------------------------------------------------------------------

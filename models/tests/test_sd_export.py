@@ -112,6 +112,10 @@ def test_tokenizer_files_agree(sd_fixture_dir, reference_index, tmp_path):
 
     tok_dir = sd_fixture_dir / "tokenizer"
     manifest = _manifest(sd_fixture_dir)["config"]
+    # Neutral, like the hub's files: padding and truncation come from the manifest, not from state
+    # a transformers call left on the backend.
+    saved = json.loads((tok_dir / "tokenizer.json").read_text())
+    assert saved["padding"] is None and saved["truncation"] is None
     fast = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
     fast.enable_truncation(manifest["text_max_length"])
     fast.enable_padding(length=manifest["text_max_length"], pad_id=manifest["pad_token_id"])
