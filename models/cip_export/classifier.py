@@ -728,7 +728,7 @@ def make_fixture(root: Path) -> None:
                 "name": "forward",
                 "kind": "forward",
                 "file": "forward.safetensors",
-                "weights": f"{FIXTURE_NAME}/{STATE_FILE}",
+                "weights": f"../../{FIXTURE_NAME}/{STATE_FILE}",
                 "inputs": ["images"],
                 "outputs": ["logits"],
             }
@@ -762,7 +762,7 @@ def make_fixture(root: Path) -> None:
                             "name": f"sgd_{variant}_step{step}",
                             "kind": "train_step",
                             "file": file,
-                            "state_in": f"{FIXTURE_NAME}/{STATE_FILE}" if step == 1 else f"sgd_{variant}_step{step - 1}.safetensors",
+                            "state_in": f"../../{FIXTURE_NAME}/{STATE_FILE}" if step == 1 else f"sgd_{variant}_step{step - 1}.safetensors",
                             "state_in_prefix": "" if step == 1 else "new.",
                             "batch": f"batch{step}.safetensors",
                             "scalars": {
@@ -803,7 +803,7 @@ def make_fixture(root: Path) -> None:
         "model": FIXTURE_NAME,
         "generator": "models/cip_export/classifier.py::make_fixture (eager torch / torchvision)",
         "notes": (
-            "train_step cases: feed state_in (tensors named param.*, momentum_buf.*, state.*; after "
+            "Paths are relative to this file. train_step cases: feed state_in (tensors named param.*, momentum_buf.*, state.*; after "
             "stripping state_in_prefix) with the batch's images/labels and the scalars to train_step.onnx; "
             "the file holds the expected new.* tensors and loss from torch.optim.SGD. Step 1 starts "
             "from zero momentum buffers; torch initialises its buffer to d_p there, which is the same. "

@@ -282,10 +282,13 @@ def test_chained_steps_match_references(train_step, layout, initial_state, neste
     another batch size), against the committed eager-torch references."""
     variant = classifier._variant_name(nesterov, label_smoothing)
     cases = {c["name"]: c for c in reference_cases("train_step")}
-    state, prefix = as_numpy(initial_state), ""
+    first = cases[f"sgd_{variant}_step1"]
+    state, prefix = as_numpy(load_file(str(REFERENCE / first["state_in"]))), first["state_in_prefix"]
+    assert cases[f"sgd_{variant}_step2"]["state_in"] == first["file"]
     for step in (1, 2):
         case = cases[f"sgd_{variant}_step{step}"]
         batch = load_file(str(REFERENCE / case["batch"]))
+        # Step 2 runs on step 1's graph outputs, as cip chains them.
         got = run_step(train_step, layout, state, batch["images"], batch["labels"], prefix=prefix, **case["scalars"])
         expected = load_file(str(REFERENCE / case["file"]))
         assert_step_matches(got, as_numpy(expected), layout, f"step {step}")
@@ -389,8 +392,13 @@ def test_cli_arguments_and_weights_file(layout, tmp_path):
         classifier.load_weights(classifier.build_model("resnet-tiny", 10), partial)
 
 
+@pytest.mark.skipif(
+    os.environ.get("CIP_SLOW_TESTS") != "1",
+    reason="re-exports the fixture (1-4 min on 2 cores); set CIP_SLOW_TESTS=1 to run",
+)
 def test_fixture_regenerates_byte_for_byte(tmp_path):
-    """Rerunning the generator reproduces every committed file (export, state and references)."""
+    """Rerunning the generator reproduces every committed file (export, state and references),
+    whatever the hash seed of the process."""
     script = (
         "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
         "from cip_export import classifier; classifier.make_fixture(Path(sys.argv[2]))"
