@@ -269,11 +269,26 @@ def test_train_step_normalises_with_batch_statistics(train_step, layout, initial
 # Committed references (what the Rust side checks against)
 
 
-def reference_cases(kind: str) -> list[dict]:
+def reference_index() -> dict:
     import json
 
-    index = json.loads((REFERENCE / "index.json").read_text())
-    return [c for c in index["cases"] if c["kind"] == kind]
+    return json.loads((REFERENCE / "index.json").read_text())
+
+
+def reference_cases(kind: str) -> list[dict]:
+    return [c for c in reference_index()["cases"] if c["kind"] == kind]
+
+
+def test_reference_index_states_these_tolerances():
+    """The Rust side reads its bounds from index.json: they must be the ones checked here."""
+    tolerance = reference_index()["tolerance"]
+    assert tolerance == {
+        "logits": TOLERANCE,
+        "loss": TOLERANCE,
+        "state": TOLERANCE,
+        "param": GRADIENT_TOLERANCE,
+        "momentum_buf": GRADIENT_TOLERANCE,
+    }
 
 
 @pytest.mark.parametrize("nesterov,label_smoothing", VARIANTS)
