@@ -106,15 +106,13 @@ def export_graph(
             opset_version=OPSET,
             optimize=True,
         )
-    model = program.model_proto
+    # Save first (with external data for big graphs: protobuf cannot hold more than 2 GiB), then
+    # rewrite only the graph's proto; the weights stay where the first save put them.
+    program.save(str(path), external_data=external)
+    model = onnx.load(str(path), load_external_data=False)
     _label_dims(model, dims)
     _strip_metadata(model)
-    if external:
-        data_name = path.name + ".data"
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
+    onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path))
     return path
 
