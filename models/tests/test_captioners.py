@@ -1,9 +1,9 @@
-"""Captioner exports (BLIP-2, ViT-GPT2): the ONNX graphs against transformers, a plain-Python
-decoding loop over the graphs against the committed `generate` references, the fixtures against
-their generators, and an export from a user's save_pretrained directory.
+"""Captioner exports (BLIP-2, ViT-GPT2): the ONNX graphs against transformers, plain-Python greedy
+and beam search over the graphs against the committed `generate` references, the fixtures against
+their generators, and exports from save_pretrained directories (fp32, fp16, a user's own shapes).
 
-The decoding loop here is deliberately small and literal: it is the recipe the Rust decoder
-implements (models/README.md), checked against transformers' own token ids.
+The decoding loops here are deliberately literal: they are the recipe the Rust decoder implements
+(models/README.md), checked against transformers' own token ids.
 """
 
 from __future__ import annotations
@@ -117,16 +117,102 @@ def greedy(step, first_input, prefix_ids, attention_mask, positions, past, kwarg
     return sequences
 
 
+def beam_search(step, first_input, prefix_ids, attention_mask, positions, past, kwargs, eos_ids, pad_id,
+                embed=None):
+    """transformers 5's (vectorised) beam search, step for step, over the exported graphs.
+
+    Per batch item: keep 2 * num_beams candidates per step; candidates that end (EOS, or the
+    maximum length) enter the finished set with score sum_logprobs / generated_len ** length_penalty
+    if among the top num_beams; the others continue. The cache is reordered by source beam. Stops by
+    transformers' early-stopping heuristic. Returns the best finished hypothesis per item.
+    """
+    num_beams = kwargs["num_beams"]
+    length_penalty = kwargs.get("length_penalty", 1.0)
+    early_stopping = kwargs.get("early_stopping", False)
+    batch, prompt_len = prefix_ids.shape
+    max_length = prompt_len + kwargs["max_new_tokens"]
+    keep = max(2, 1 + len(eos_ids)) * num_beams
+    top_num_beam_mask = np.arange(keep) < num_beams
+
+    def expand(x):
+        return np.repeat(x, num_beams, axis=0)
+
+    token_input, attention_mask, positions = expand(first_input), expand(attention_mask), expand(positions)
+    past = [expand(p) for p in past]
+    running = np.full((batch, num_beams, max_length), pad_id, dtype=np.int64)
+    running[:, :, :prompt_len] = prefix_ids[:, None, :]
+    running_scores = np.zeros((batch, num_beams), np.float32)
+    running_scores[:, 1:] = -1e9
+    finished = running.copy()
+    finished_scores = np.full((batch, num_beams), -1e9, np.float32)
+    finished_lengths = np.zeros((batch, num_beams), np.int64)
+    is_finished = np.zeros((batch, num_beams), bool)
+    improvable = np.ones((batch, 1), bool)
+    cur_len = prompt_len
+    while True:
+        logits, past = step(token_input, attention_mask, positions, past)
+        log_probs = torch.log_softmax(torch.from_numpy(logits[:, -1].astype(np.float32)), dim=-1).numpy()
+        flat = running.reshape(batch * num_beams, max_length)[:, :cur_len]
+        log_probs = process_logits(log_probs, flat, cur_len - prompt_len, kwargs, eos_ids).astype(np.float32)
+        vocab = log_probs.shape[-1]
+        total = (log_probs.reshape(batch, num_beams, vocab) + running_scores[:, :, None]).reshape(batch, -1)
+        top_scores, top_index = torch.topk(torch.from_numpy(total), k=keep)
+        top_scores, top_index = top_scores.numpy(), top_index.numpy()
+        source_beam, token = top_index // vocab, top_index % vocab
+        candidates = np.take_along_axis(running, source_beam[:, :, None], axis=1)
+        candidates[:, :, cur_len] = token
+        hits = np.isin(token, list(eos_ids)) | (cur_len + 1 >= max_length)
+
+        # Candidates that continue.
+        continuing = top_scores + hits.astype(np.float32) * np.float32(-1e9)
+        chosen = torch.topk(torch.from_numpy(continuing), k=num_beams)[1].numpy()
+        running = np.take_along_axis(candidates, chosen[:, :, None], axis=1)
+        running_scores = np.take_along_axis(continuing, chosen, axis=1)
+        reorder = (np.take_along_axis(source_beam, chosen, axis=1) + np.arange(batch)[:, None] * num_beams).reshape(-1)
+
+        # Candidates that finish.
+        normalised = top_scores / np.float32((cur_len + 1 - prompt_len) ** length_penalty)
+        full = is_finished.all(axis=1, keepdims=True) & (early_stopping is True)
+        normalised = normalised + full * np.float32(-1e9) + (~improvable) * np.float32(-1e9)
+        just_finished = hits & top_num_beam_mask[None, :]
+        normalised = normalised + (~just_finished) * np.float32(-1e9)
+        merged = np.concatenate([finished, candidates], axis=1)
+        merged_scores = np.concatenate([finished_scores, normalised], axis=1)
+        merged_lengths = np.concatenate([finished_lengths, np.full(candidates.shape[:2], cur_len + 1 - prompt_len)], axis=1)
+        merged_finished = np.concatenate([is_finished, just_finished], axis=1)
+        best = torch.topk(torch.from_numpy(merged_scores), k=num_beams)[1].numpy()
+        finished = np.take_along_axis(merged, best[:, :, None], axis=1)
+        finished_scores = np.take_along_axis(merged_scores, best, axis=1)
+        finished_lengths = np.take_along_axis(merged_lengths, best, axis=1)
+        is_finished = np.take_along_axis(merged_finished, best, axis=1)
+
+        past = [p[reorder] for p in past]
+        cur_len += 1
+        if early_stopping == "never" and length_penalty > 0.0:
+            best_length = max_length - prompt_len
+        else:
+            best_length = cur_len - prompt_len
+        best_running = running_scores[:, :1] / np.float32(best_length ** length_penalty)
+        worst_finished = np.where(is_finished, finished_scores.min(axis=1, keepdims=True), np.float32(-1e9))
+        improvable = improvable & (best_running > worst_finished).any(axis=-1, keepdims=True)
+        open_beams = not (is_finished.all() and early_stopping is True)
+        if not (improvable.any() and open_beams and not hits.all()):
+            break
+        attention_mask = np.concatenate([attention_mask, np.ones((len(attention_mask), 1), np.int64)], axis=1)
+        positions = positions[:, -1:] + 1
+        token_input = running[:, :, cur_len - 1].reshape(-1, 1)
+        if embed is not None:
+            token_input = embed(token_input)
+    length = prompt_len + finished_lengths[:, 0].max()
+    return finished[:, 0, :length]
+
+
 def pad_to(sequences: np.ndarray, length: int, pad_id: int) -> np.ndarray:
     """generate stops when every row is done; the reference output is then shorter than
     prefix + max_new_tokens only in that case, so compare on the reference's length."""
     if sequences.shape[1] >= length:
         return sequences[:, :length]
     return np.pad(sequences, ((0, 0), (0, length - sequences.shape[1])), constant_values=pad_id)
-
-
-def is_greedy_case(case: dict) -> bool:
-    return case["generate_kwargs"].get("num_beams", 1) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +254,8 @@ class Blip2Graphs:
 
     def greedy(self, pixel_values, prefix_ids, prefix_mask, kwargs) -> np.ndarray:
         embeds = self.prefix_embeds(prefix_ids, self.query_embeds(pixel_values))
-        return greedy(self.step, embeds, prefix_ids, prefix_mask, initial_positions(prefix_mask),
+        search = greedy if kwargs.get("num_beams", 1) == 1 else beam_search
+        return search(self.step, embeds, prefix_ids, prefix_mask, initial_positions(prefix_mask),
                       self.empty_past(len(prefix_ids)), kwargs, self.config["eos_token_id"],
                       self.config["pad_token_id"], embed=self.embed)
 
@@ -253,12 +340,8 @@ def test_blip2_graphs_match_transformers_forward(blip2_graphs, blip2_hf):
     np.testing.assert_allclose(head[real[:, :split]], logits[:, :split][real[:, :split]], rtol=1e-4, atol=1e-4)
 
 
-def blip2_cases():
-    return [c for c in reference_index("blip2")["cases"] if is_greedy_case(c)]
-
-
-@pytest.mark.parametrize("case", blip2_cases(), ids=lambda c: c["name"])
-def test_blip2_greedy_loop_reproduces_generate(blip2_graphs, case):
+@pytest.mark.parametrize("case", reference_index("blip2")["cases"], ids=lambda c: c["name"])
+def test_blip2_decoding_loop_reproduces_generate(blip2_graphs, case):
     tensors = reference_tensors("blip2")
     prefix_ids = np.array(case["prefix_ids"], dtype=np.int64)
     prefix_mask = np.array(case["prefix_attention_mask"], dtype=np.int64)
@@ -319,7 +402,9 @@ class VitGpt2Graphs:
     def greedy(self, pixel_values, prefix_ids, kwargs) -> np.ndarray:
         _, cross = self.encode(pixel_values)
         mask = np.ones_like(prefix_ids)
-        return greedy(self.stepper(cross), prefix_ids, prefix_ids, mask, initial_positions(mask),
+        search = greedy if kwargs.get("num_beams", 1) == 1 else beam_search
+        cross = [np.repeat(c, kwargs.get("num_beams", 1), axis=0) for c in cross]
+        return search(self.stepper(cross), prefix_ids, prefix_ids, mask, initial_positions(mask),
                       self.empty_past(len(prefix_ids)), kwargs, self.config["eos_token_id"],
                       self.config["pad_token_id"])
 
@@ -383,12 +468,8 @@ def test_vit_gpt2_graphs_match_transformers_forward(vit_gpt2_graphs, vit_gpt2_hf
     np.testing.assert_allclose(np.concatenate([head, tail], axis=1), logits, rtol=1e-4, atol=1e-4)
 
 
-def vit_gpt2_cases():
-    return [c for c in reference_index("vit-gpt2")["cases"] if is_greedy_case(c)]
-
-
-@pytest.mark.parametrize("case", vit_gpt2_cases(), ids=lambda c: c["name"])
-def test_vit_gpt2_greedy_loop_reproduces_generate(vit_gpt2_graphs, case):
+@pytest.mark.parametrize("case", reference_index("vit-gpt2")["cases"], ids=lambda c: c["name"])
+def test_vit_gpt2_decoding_loop_reproduces_generate(vit_gpt2_graphs, case):
     tensors = reference_tensors("vit-gpt2")
     prefix_ids = np.array(case["prefix_ids"], dtype=np.int64)
     got = vit_gpt2_graphs.greedy(tensors[case["pixel_values"]], prefix_ids, case["generate_kwargs"])
