@@ -266,6 +266,9 @@ def manifest_config(model, processor) -> dict[str, Any]:
         "prompt_padding_side": tokenizer.padding_side,
         "output_includes_prefix": True,
         "position_ids": "cumsum_mask_minus_one_pad_zero_then_increment",
+        # do_convert_rgb: transformers' convert_to_rgb (alpha composited on white, else Pillow's
+        # convert("RGB")).
+        "rgb_conversion": "transformers_convert_to_rgb",
         "generation": generation,
     }
     facts.update(dg.image_processor_facts(processor.image_processor))
