@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -153,8 +152,13 @@ def load(source: str | Path, dtype: str = "fp32"):
     model.eval()
     _check_supported(model)
     tokenizer = processor.tokenizer
-    if len(tokenizer) == 0 or tokenizer.convert_tokens_to_ids("<image>") is None:
-        raise ValueError(f"{source}: the tokenizer loaded empty or without <image> (is the checkpoint complete?)")
+    image_id = tokenizer.get_vocab().get("<image>")
+    if len(tokenizer) < model.config.text_config.vocab_size // 2:
+        raise ValueError(f"{source}: the tokenizer loaded with only {len(tokenizer)} tokens (incomplete checkpoint, "
+                         "or a hub id that is not cached while offline?)")
+    if image_id != model.config.image_token_index:
+        raise ValueError(f"{source}: the tokenizer's <image> id is {image_id} but the model's image_token_index is "
+                         f"{model.config.image_token_index}: re-save processor and model together")
     return model, processor
 
 
@@ -172,16 +176,14 @@ def _check_supported(model) -> None:
 def export_blip2(source: str | Path, out: Path, dtype: str = "fp32", source_label: str | None = None) -> Path:
     """Export a checkpoint (hub id or local directory); source_label replaces the recorded source
     (the fixtures come from a temporary directory whose name must not reach the manifest)."""
+    dg.prepare_out_dir(out)  # refuse a foreign directory before spending minutes on loading
     model, processor = load(source, dtype)
     return export_loaded(model, processor, out, dtype=dtype, source=source_label or str(source))
 
 
 def export_loaded(model, processor, out: Path, dtype: str, source: str) -> Path:
     """Write the three graphs, tokenizer, configs and manifest for an already loaded model."""
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out = dg.prepare_out_dir(out)
     config = model.config
     text = config.text_config
     lm = model.language_model

@@ -194,6 +194,23 @@ def _label_dims(model, dims: dict[str, Sequence[str | int]]) -> None:
                 dim.dim_value = label
 
 
+def prepare_out_dir(out: Path) -> Path:
+    """A fresh output directory. A previous export (it has a manifest) is replaced; any other
+    non-empty directory is refused rather than deleted."""
+    import shutil
+
+    from .common import MANIFEST
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not (out / MANIFEST).is_file():
+            raise ValueError(f"--out {out} exists, is not empty and holds no {MANIFEST}: "
+                             "give a new or empty directory (cip never deletes files it did not write)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def torch_dtype(name: str) -> torch.dtype:
     try:
         return {"fp32": torch.float32, "fp16": torch.float16}[name]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -148,15 +147,13 @@ def _check_supported(model, tokenizer) -> None:
 
 
 def export_vit_gpt2(source: str | Path, out: Path, dtype: str = "fp32", source_label: str | None = None) -> Path:
+    dg.prepare_out_dir(out)  # refuse a foreign directory before spending minutes on loading
     model, tokenizer, image_processor = load(source, dtype)
     return export_loaded(model, tokenizer, image_processor, out, dtype, source_label or str(source))
 
 
 def export_loaded(model, tokenizer, image_processor, out: Path, dtype: str, source: str) -> Path:
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out = dg.prepare_out_dir(out)
     decoder_config = model.decoder.config
     heads = decoder_config.n_head
     head_dim = decoder_config.n_embd // heads

@@ -670,3 +670,14 @@ def test_large_graphs_keep_weights_in_external_data(tmp_path, monkeypatch):
     ids = np.array([[0, 5, len(processor.tokenizer) - 1]])
     np.testing.assert_array_equal(session.run(None, {"input_ids": ids})[0],
                                   embedding(torch.from_numpy(ids)).detach().numpy())
+
+
+@pytest.mark.parametrize("module", [blip2, vit_gpt2], ids=["blip2", "vit-gpt2"])
+def test_export_refuses_a_foreign_output_directory(tmp_path, module):
+    keep = tmp_path / "notes.txt"
+    keep.write_text("not a model")
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    with pytest.raises(ValueError, match="is not empty and holds no cip-model.toml"):
+        module.export(parser.parse_args(["--source", str(tmp_path / "missing"), "--out", str(tmp_path)]))
+    assert keep.read_text() == "not a model"
