@@ -190,7 +190,8 @@ fn check_split(name: &str, dir: &Path) -> Result<(SplitReport, Vec<Problem>), Da
     }
     split.images = files.len();
     // Decoding dominates, on all cores.
-    let results: Vec<(PathBuf, Result<(u32, u32), String>)> = files
+    type Decoded = (PathBuf, Result<(u32, u32), String>);
+    let results: Vec<Decoded> = files
         .into_par_iter()
         .map(|path| {
             let decoded = decode_size(&path);

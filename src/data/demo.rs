@@ -126,9 +126,8 @@ pub fn draw(opts: &DemoOptions) -> Result<DemoSummary, DataError> {
         } else {
             opts.val_per_class
         };
-        for class in 0..opts.classes {
+        for (class, (wnid, _)) in IMAGENETTE_CLASSES.iter().enumerate().take(opts.classes) {
             for k in 0..count {
-                let (wnid, _) = IMAGENETTE_CLASSES[class];
                 let path = opts
                     .out
                     .join(split)

@@ -64,10 +64,10 @@ pub enum DataError {
     MissingRoot { path: PathBuf },
     #[error("{root} has no `{split}` folder: expected {root}/{split}/<wnid>/*.JPEG (or leave `{split}` out of --splits)")]
     MissingSplit { root: PathBuf, split: String },
-    #[error("{dir}: no folder for {} of the {total} classes in {classes}: {}; is {} the full ImageNet-1K {split} tree?", .missing.len(), list_some(.missing, 5), .root.display())]
+    #[error("{dir}: no folder for {} of the {total} classes in {classes}: {}; is {} the full ImageNet-1K {split} tree?", .missing.len(), list_some(.missing, 5), .dir.parent().unwrap_or(.dir).display())]
     MissingClasses {
+        /// `ROOT/<split>`.
         dir: PathBuf,
-        root: PathBuf,
         split: String,
         classes: PathBuf,
         total: usize,

@@ -141,7 +141,6 @@ fn list_split(
     if !missing.is_empty() {
         return Err(DataError::MissingClasses {
             dir: opts.imagenet.join(split),
-            root: opts.imagenet.clone(),
             split: split.to_string(),
             classes: opts.classes.clone(),
             total: classes.ids.len(),
