@@ -96,6 +96,11 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         results: Option<PathBuf>,
     },
+    /// Datasets: draw the demo set, fetch ImageNette, link ImageNet subsets, check a dataset.
+    Data {
+        #[command(subcommand)]
+        cmd: cip::data::cli::DataCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -287,6 +292,10 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             let dir = results.unwrap_or_else(|| PathBuf::from("results").join(&exp.name));
             let (csv, md) = table.write(&dir, &exp.name)?;
             println!("{}\n{}", csv.display(), md.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Data { cmd } => {
+            cip::data::cli::run(cmd)?;
             Ok(ExitCode::SUCCESS)
         }
     }
