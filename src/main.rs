@@ -85,6 +85,9 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Exported model directories.
+    #[command(subcommand)]
+    Models(ModelsCommand),
     /// Benchmarks (printed figures, never timed assertions).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -100,6 +103,17 @@ enum Command {
     Data {
         #[command(subcommand)]
         cmd: cip::data::cli::DataCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Validate a model directory against its cip-model.toml; print family, I/O and digest.
+    Check {
+        dir: PathBuf,
+        /// Also recompute the blake3 digest of every file.
+        #[arg(long)]
+        deep: bool,
     },
 }
 
@@ -294,6 +308,33 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             println!("{}\n{}", csv.display(), md.display());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Models(ModelsCommand::Check { dir, deep }) => {
+            let report = cip::runtime::check_model_dir(&dir, deep)?;
+            print!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Plan {
+            items,
+            repeats,
+            dir,
+        }) => {
+            let work = dir.unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("cip-bench-plan-{}", std::process::id()))
+            });
+            let exe = std::env::current_exe()?;
+            let result = cip::bench::plan(&exe, &work, items, repeats.max(1));
+            let _ = std::fs::remove_dir_all(&work);
+            let b = result?;
+            println!(
+                "cip plan, fully cached, {} items x 3 variants: median {:.3} s over {} runs (min {:.3} s); first run took {:.1} s",
+                b.items,
+                b.median(),
+                b.runs.len(),
+                b.runs.iter().cloned().fold(f64::INFINITY, f64::min),
+                b.setup_secs
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Data { cmd } => {
             cip::data::cli::run(cmd)?;
             Ok(ExitCode::SUCCESS)
@@ -372,6 +413,7 @@ fn render_entry(e: &cip::cache::EntrySummary) -> String {
             None => "lock      unreadable".to_string(),
         },
         SummaryStatus::Debris => "debris".to_string(),
+        SummaryStatus::Damaged { reason } => format!("damaged   {reason}"),
     };
     format!(
         "{:<10} {}  {:>9}  {:>6}  {what}",
