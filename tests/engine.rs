@@ -258,3 +258,39 @@ fn a_failing_node_keeps_other_work_and_its_own_journal() {
     let rerun = cip(p.path(), &["run", "exp.toml"]);
     assert_eq!(summary(&rerun), (3, 1, 0), "{}", stderr(&rerun));
 }
+
+#[test]
+fn gc_keeps_what_the_experiment_references_and_drops_the_rest() {
+    let p = project(EXPERIMENT);
+    assert!(cip(p.path(), &["run", "exp.toml"]).status.success());
+    let changed = EXPERIMENT.replace("a photo of {class}, {caption}", "{class}: {caption}");
+    std::fs::write(p.path().join("exp.toml"), changed).unwrap();
+    assert!(cip(p.path(), &["run", "exp.toml"]).status.success());
+    let cache = p.path().join(".cip/cache");
+    assert_eq!(entries(&cache, "compose").len(), 2);
+
+    let dry = cip(p.path(), &["gc", "--keep", "exp.toml", "--dry-run"]);
+    assert!(
+        stdout(&dry).contains("would remove 2 item(s)"),
+        "{}",
+        stdout(&dry)
+    );
+    assert_eq!(
+        entries(&cache, "compose").len(),
+        2,
+        "a dry run removes nothing"
+    );
+
+    let gc = cip(p.path(), &["gc", "--keep", "exp.toml"]);
+    assert!(gc.status.success(), "{}", stderr(&gc));
+    assert_eq!(entries(&cache, "compose").len(), 1);
+    assert_eq!(entries(&cache, "test-score").len(), 1);
+    let rerun = cip(p.path(), &["run", "exp.toml"]);
+    assert_eq!(
+        summary(&rerun),
+        (0, 4, 0),
+        "everything the experiment needs survived gc"
+    );
+    let status = stdout(&cip(p.path(), &["status", "--cache", ".cip/cache"]));
+    assert!(status.contains("4 entries"), "{status}");
+}
