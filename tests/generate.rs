@@ -226,3 +226,233 @@ fn unknown_scheduler_name_is_an_error() {
         .unwrap_err();
     insta::assert_snapshot!("unknown_scheduler", error.to_string());
 }
+
+// ---------------------------------------------------------------- the node through `cip run`
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{cip, cip_bin, entries, stderr, stdout, summary, tree};
+
+fn experiment(images_per_prompt: usize) -> String {
+    format!(
+        r#"
+[experiment]
+name = "generate"
+seed = 7
+
+[models.sd]
+path = "{model}"
+family = "sd"
+
+[nodes.prompts]
+kind = "compose"
+classes = "classes.csv"
+per_class = 3
+template = "a photo of {{class}}"
+negative_prompt = "blurry"
+
+[nodes.images]
+kind = "generate"
+prompts = "prompts"
+model = "sd"
+scheduler = "euler-a"
+steps = 3
+guidance = 7.5
+images_per_prompt = {images_per_prompt}
+batch_size = 2
+"#,
+        model = model_dir().display()
+    )
+}
+
+fn project(text: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("exp.toml"), text).unwrap();
+    std::fs::write(
+        dir.path().join("classes.csv"),
+        "id,name\nn01440764,tench\nn03888257,parachute\n",
+    )
+    .unwrap();
+    dir
+}
+
+/// The generate entry's output files (images and manifest), without journals and metadata.
+fn outputs(cache: &Path) -> Vec<(String, Vec<u8>)> {
+    tree(&cache.join("generate"))
+        .into_iter()
+        .filter(|(p, _)| p.ends_with(".png") || p.ends_with("manifest.csv"))
+        .map(|(p, bytes)| (p.split_once('/').unwrap().1.to_string(), bytes))
+        .collect()
+}
+
+#[test]
+fn generate_node_writes_an_image_folder_and_a_second_run_is_cached() {
+    let p = project(&experiment(2));
+    let first = cip(p.path(), &["run", "exp.toml"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let cache = p.path().join(".cip/cache");
+    let entry = entries(&cache, "generate");
+    assert_eq!(entry.len(), 1);
+    let manifest = cip::data::CsvTable::read(&entry[0].join("manifest.csv")).unwrap();
+    assert_eq!(
+        manifest.headers,
+        [
+            "id",
+            "path",
+            "class",
+            "prompt",
+            "negative_prompt",
+            "seed",
+            "steps",
+            "scheduler",
+            "guidance",
+            "size"
+        ]
+    );
+    // 2 classes x 3 prompts x 2 images.
+    assert_eq!(manifest.rows.len(), 12);
+    let mut seeds = std::collections::HashSet::new();
+    for row in &manifest.rows {
+        let image = image::open(entry[0].join(&row[1])).unwrap().to_rgb8();
+        assert_eq!(image.dimensions(), (16, 16), "the model's default size");
+        assert!(row[1].starts_with(&format!("{}/", &row[2])));
+        assert_eq!(&row[4], "blurry");
+        assert_eq!((&row[6], &row[7], &row[9]), ("3", "euler-a", "16x16"));
+        assert!(
+            seeds.insert(row[5].to_string()),
+            "every image has its own seed"
+        );
+    }
+    let ids: Vec<&str> = manifest.rows.iter().map(|r| &r[0]).collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(ids, sorted, "manifest sorted by id");
+
+    // The seed of the first image of a prompt does not depend on how many images each prompt
+    // gets: image k of a prompt is the same image in both runs.
+    let q = project(&experiment(1));
+    assert!(cip(q.path(), &["run", "exp.toml"]).status.success());
+    let one = outputs(&q.path().join(".cip/cache"));
+    let two = outputs(&cache);
+    for (path, bytes) in one.iter().filter(|(p, _)| p.ends_with(".png")) {
+        let same = two.iter().find(|(p, _)| p == path).expect("image in both");
+        assert_eq!(&same.1, bytes, "{path}");
+    }
+
+    let before = tree(&cache);
+    let second = cip(p.path(), &["run", "exp.toml"]);
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert_eq!(summary(&second), (0, 2, 0), "{}", stdout(&second));
+    assert!(tree(&cache) == before, "a cached run changed the cache");
+}
+
+fn journal_lines(cache: &Path) -> usize {
+    tree(&cache.join("generate"))
+        .iter()
+        .filter(|(p, _)| p.ends_with("images.journal"))
+        .map(|(_, bytes)| bytes.iter().filter(|&&b| b == b'\n').count())
+        .sum()
+}
+
+#[test]
+fn generate_kill_9_mid_node_then_rerun_is_byte_identical() {
+    let text = experiment(4).replace("batch_size = 2", "batch_size = 1");
+    let reference = project(&text);
+    assert!(cip(reference.path(), &["run", "exp.toml"]).status.success());
+
+    let p = project(&text);
+    let mut child = Command::new(cip_bin())
+        .args(["run", "exp.toml", "-q"])
+        .current_dir(p.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let cache = p.path().join(".cip/cache");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while journal_lines(&cache) < 3 {
+        assert!(Instant::now() < deadline, "journal never grew");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let journaled = journal_lines(&cache);
+    assert!(
+        (3..24).contains(&journaled),
+        "killed mid-node: {journaled} images journaled"
+    );
+
+    let rerun = cip(p.path(), &["run", "exp.toml"]);
+    assert!(rerun.status.success(), "{}", stderr(&rerun));
+    let a = outputs(&reference.path().join(".cip/cache"));
+    let b = outputs(&cache);
+    assert_eq!(a.len(), 25, "24 images and the manifest");
+    assert!(a == b, "resumed output differs from the uninterrupted run");
+    // Resumed, not restarted: every image journaled once.
+    let journal = tree(&cache.join("generate"))
+        .into_iter()
+        .find(|(p, _)| p.ends_with("images.journal"))
+        .unwrap()
+        .1;
+    let mut ids: Vec<String> = String::from_utf8_lossy(&journal)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["item"].to_string())
+        .collect();
+    let n = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!((n, ids.len()), (24, 24), "an image was generated twice");
+}
+
+fn resolve_error(params: &str) -> String {
+    let kind = cip::nodes::lookup("generate").unwrap();
+    let table: toml::Table = params.parse().unwrap();
+    let error = kind.resolve_params(&table).unwrap_err();
+    format!("{}: {}", error.key.unwrap_or_default(), error.message)
+}
+
+#[test]
+fn generate_params_errors() {
+    insta::assert_snapshot!(
+        "param_unknown_scheduler",
+        resolve_error("scheduler = \"euler_a\"")
+    );
+    insta::assert_snapshot!("param_zero_steps", resolve_error("steps = 0"));
+}
+
+#[test]
+fn generate_node_rejects_a_size_the_model_cannot_take() {
+    let p = project(&experiment(1).replace("batch_size = 2", "width = 18"));
+    let run = cip(p.path(), &["run", "exp.toml"]);
+    assert!(!run.status.success());
+    let message = stderr(&run);
+    assert!(
+        message.contains("image size 18x16 is not a multiple of 4"),
+        "{message}"
+    );
+}
+
+#[test]
+fn image_seed_depends_on_seed_item_and_index_only() {
+    use cip::nodes::generate::image_seed;
+    let base = image_seed(7, "n01440764/0001", 0);
+    assert_eq!(base, image_seed(7, "n01440764/0001", 0));
+    let hash = blake3::hash(
+        &[
+            &7u64.to_le_bytes()[..],
+            b"n01440764/0001",
+            &0u64.to_le_bytes(),
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        base,
+        u64::from_le_bytes(hash.as_bytes()[..8].try_into().unwrap())
+    );
+    assert_ne!(base, image_seed(8, "n01440764/0001", 0));
+    assert_ne!(base, image_seed(7, "n01440764/0002", 0));
+    assert_ne!(base, image_seed(7, "n01440764/0001", 1));
+}
