@@ -456,3 +456,61 @@ fn image_seed_depends_on_seed_item_and_index_only() {
     assert_ne!(base, image_seed(7, "n01440764/0002", 0));
     assert_ne!(base, image_seed(7, "n01440764/0001", 1));
 }
+
+#[test]
+fn cli_generate_equals_the_reference_image() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: cip::nodes::generate::cli::GenerateArgs,
+    }
+    let case = cases()
+        .into_iter()
+        .find(|c| c.id == "euler-a-g7.5-neg-s3-wide")
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.png");
+    let size = format!("{}x{}", case.width, case.height);
+    let steps = case.steps.to_string();
+    let seed = case.seed.to_string();
+    let guidance = case.guidance.to_string();
+    let cli = Cli::try_parse_from([
+        "generate",
+        "--model",
+        model_dir().to_str().unwrap(),
+        "--prompt",
+        &case.prompt,
+        "--negative-prompt",
+        case.negative_prompt.as_deref().unwrap(),
+        "--seed",
+        &seed,
+        "--steps",
+        &steps,
+        "--scheduler",
+        &case.scheduler,
+        "--guidance",
+        &guidance,
+        "--size",
+        &size,
+        "--out",
+        out.to_str().unwrap(),
+        "--threads",
+        "1",
+    ])
+    .unwrap();
+    cip::nodes::generate::cli::run(cli.args).unwrap();
+    let ours = image::open(&out).unwrap().to_rgb8();
+    let reference = image::open(reference_dir().join(&case.file))
+        .unwrap()
+        .to_rgb8();
+    assert_eq!(ours.dimensions(), reference.dimensions());
+    let diff = ours
+        .as_raw()
+        .iter()
+        .zip(reference.as_raw())
+        .map(|(&a, &b)| (a as i32 - b as i32).abs())
+        .max()
+        .unwrap();
+    assert!(diff <= MAX_PIXEL_DIFF, "max pixel difference {diff}");
+}

@@ -409,3 +409,108 @@ pub fn encode(
     }
     Ok(bytes)
 }
+
+/// `cip generate`: one image from one prompt, outside any experiment (for trying a model).
+pub mod cli {
+    use std::path::PathBuf;
+
+    use thiserror::Error;
+
+    use super::{encode, ImageFormat};
+    use crate::models::sd::pipeline::{Pipeline, PipelineError, Request, Settings};
+    use crate::models::sd::schedulers::SchedulerKind;
+    use crate::runtime::{Provider, SessionConfig};
+
+    #[derive(Debug, clap::Args)]
+    pub struct GenerateArgs {
+        /// An `sd` model directory (cip-model.toml, optimum ONNX layout).
+        #[arg(long, value_name = "DIR")]
+        pub model: PathBuf,
+        #[arg(long)]
+        pub prompt: String,
+        /// The unconditional text of classifier-free guidance [default: ""].
+        #[arg(long)]
+        pub negative_prompt: Option<String>,
+        /// Seed of torch's CPU generator: the image equals diffusers' for this seed.
+        #[arg(long, default_value_t = 0)]
+        pub seed: u64,
+        #[arg(long, default_value_t = 50)]
+        pub steps: usize,
+        /// pndm, ddim, dpm++2m, dpm++2m-karras, euler or euler-a.
+        #[arg(long, default_value = "pndm")]
+        pub scheduler: SchedulerKind,
+        #[arg(long, default_value_t = 7.5)]
+        pub guidance: f32,
+        /// WIDTHxHEIGHT [default: the model's, e.g. 512x512 for SD-1.5].
+        #[arg(long, value_name = "WxH", value_parser = parse_size)]
+        pub size: Option<(usize, usize)>,
+        /// Output file; `.jpg`/`.jpeg` writes JPEG (quality 95), anything else PNG.
+        #[arg(long, value_name = "FILE")]
+        pub out: PathBuf,
+        /// cpu, cuda:N or tensorrt:N.
+        #[arg(long, default_value = "cpu")]
+        pub provider: Provider,
+        /// Threads per operator [default: one per physical core].
+        #[arg(long)]
+        pub threads: Option<usize>,
+    }
+
+    fn parse_size(text: &str) -> Result<(usize, usize), String> {
+        let (w, h) = text
+            .split_once(['x', 'X'])
+            .ok_or_else(|| format!("size {text:?} must be WIDTHxHEIGHT, e.g. 512x512"))?;
+        let number = |s: &str| {
+            s.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("size {text:?}: {s:?} is not a whole number of pixels"))
+        };
+        Ok((number(w)?, number(h)?))
+    }
+
+    #[derive(Debug, Error)]
+    pub enum GenerateCliError {
+        #[error(transparent)]
+        Pipeline(#[from] PipelineError),
+        #[error("{path}: cannot write the image: {message}")]
+        Write { path: PathBuf, message: String },
+    }
+
+    pub fn run(args: GenerateArgs) -> Result<(), GenerateCliError> {
+        let session = SessionConfig {
+            intra_threads: args.threads,
+            ..SessionConfig::with_provider(args.provider)
+        };
+        let mut pipeline = Pipeline::open(&args.model, &session)?;
+        let (width, height) = args.size.unwrap_or_else(|| pipeline.default_size());
+        let settings = Settings {
+            scheduler: args.scheduler,
+            steps: args.steps,
+            guidance: args.guidance,
+            width,
+            height,
+        };
+        let request = Request {
+            prompt: args.prompt,
+            negative_prompt: args.negative_prompt,
+            seed: args.seed,
+        };
+        let image = pipeline.generate(&settings, &[request])?.remove(0);
+        let jpeg = args
+            .out
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.eq_ignore_ascii_case("jpg") || e.eq_ignore_ascii_case("jpeg"));
+        let format = if jpeg {
+            ImageFormat::Jpeg
+        } else {
+            ImageFormat::Png
+        };
+        let write_error = |message: String| GenerateCliError::Write {
+            path: args.out.clone(),
+            message,
+        };
+        let bytes = encode(&image, format, 95).map_err(|e| write_error(e.to_string()))?;
+        std::fs::write(&args.out, bytes).map_err(|e| write_error(e.to_string()))?;
+        Ok(())
+    }
+}
