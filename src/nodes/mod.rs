@@ -6,6 +6,7 @@
 //! retuning throughput never invalidates a cached stage.
 
 pub mod compose;
+pub mod generate;
 #[cfg(any(test, feature = "test-kinds"))]
 pub mod testkinds;
 
@@ -245,7 +246,7 @@ pub fn resolve_typed<P: DeserializeOwned + Serialize>(
 /// Every node kind compiled into this binary.
 pub fn registry() -> Vec<&'static dyn NodeKind> {
     #[allow(unused_mut)]
-    let mut kinds: Vec<&'static dyn NodeKind> = vec![&compose::Compose];
+    let mut kinds: Vec<&'static dyn NodeKind> = vec![&compose::Compose, &generate::Generate];
     #[cfg(any(test, feature = "test-kinds"))]
     kinds.extend(testkinds::kinds());
     kinds

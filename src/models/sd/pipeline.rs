@@ -1,0 +1,361 @@
+//! Stable Diffusion text-to-image on ONNX Runtime, step for step as diffusers'
+//! `StableDiffusionPipeline`: CLIP tokenizer and text encoder, a UNet loop with classifier-free
+//! guidance, one of cip's diffusers-equal schedulers, and the VAE decoder.
+//!
+//! Noise comes from [`TorchGenerator`] (torch's CPU generator), one per image, so an image for a
+//! seed equals diffusers' image for `torch.Generator().manual_seed(seed)` and does not depend on
+//! which other images share its batch.
+
+use std::path::{Path, PathBuf};
+
+use ndarray::{Array2, Array4, ArrayView4};
+use ort::session::Session;
+use ort::value::TensorRef;
+use serde::Deserialize;
+use thiserror::Error;
+use tokenizers::Tokenizer;
+
+use super::noise::TorchGenerator;
+use super::schedulers::{build, SchedulerConfig, SchedulerError, SchedulerKind};
+use crate::runtime::{Family, ModelDir, RuntimeError, SessionConfig};
+
+#[derive(Debug, Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Scheduler(#[from] SchedulerError),
+    #[error("{path}: cannot load the tokenizer: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    #[error("cannot tokenize {prompt:?}: {message}")]
+    Tokenize { prompt: String, message: String },
+    #[error("{path}: {message}")]
+    UnetConfig { path: PathBuf, message: String },
+    #[error("ONNX Runtime failed in the {role} graph: {message}")]
+    Inference { role: &'static str, message: String },
+    #[error(
+        "image size {width}x{height} is not a multiple of {multiple} (vae_scale_factor {vae} \
+         x 2^(UNet levels - 1)) for this model; choose e.g. {suggestion}"
+    )]
+    Size {
+        width: usize,
+        height: usize,
+        multiple: usize,
+        vae: usize,
+        suggestion: String,
+    },
+    #[error("steps must be at least 1, got 0")]
+    ZeroSteps,
+    #[error("no prompts to generate: the prompt list is empty")]
+    NoPrompts,
+}
+
+/// The `[config]` keys of an `sd` model directory this pipeline reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SdConfig {
+    pub vae_scaling_factor: f32,
+    pub vae_scale_factor: usize,
+    pub latent_channels: usize,
+    pub unet_sample_size: usize,
+    pub text_max_length: usize,
+    pub pad_token_id: u32,
+    pub eos_token_id: u32,
+}
+
+/// What one batch of images shares.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settings {
+    pub scheduler: SchedulerKind,
+    pub steps: usize,
+    /// Classifier-free guidance scale; <= 1 runs the conditional branch alone, as diffusers does.
+    pub guidance: f32,
+    pub width: usize,
+    pub height: usize,
+}
+
+/// One image to make.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: String,
+    /// The unconditional text of CFG; `None` means `""`.
+    pub negative_prompt: Option<String>,
+    pub seed: u64,
+}
+
+/// An 8-bit RGB image, row-major, 3 bytes per pixel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub pixels: Vec<u8>,
+}
+
+pub struct Pipeline {
+    dir: ModelDir,
+    config: SdConfig,
+    unet_levels: u32,
+    tokenizer: Tokenizer,
+    scheduler_config: SchedulerConfig,
+    text_encoder: Session,
+    unet: Session,
+    vae_decoder: Session,
+}
+
+#[derive(Deserialize)]
+struct UnetJson {
+    block_out_channels: Vec<u32>,
+}
+
+fn inference(role: &'static str) -> impl Fn(ort::Error) -> PipelineError {
+    move |e| PipelineError::Inference {
+        role,
+        message: e.to_string(),
+    }
+}
+
+impl Pipeline {
+    /// Opens an `sd` model directory with its three graphs on the given provider.
+    pub fn open(root: &Path, session: &SessionConfig) -> Result<Pipeline, PipelineError> {
+        let dir = ModelDir::open(root, Some(Family::Sd))?;
+        let config: SdConfig = dir.config_as()?;
+        let tokenizer_path = dir.path("tokenizer/tokenizer.json");
+        let tokenizer =
+            Tokenizer::from_file(&tokenizer_path).map_err(|e| PipelineError::Tokenizer {
+                path: tokenizer_path.clone(),
+                message: e.to_string(),
+            })?;
+        let unet_config_path = dir.path("unet/config.json");
+        let unet_json: UnetJson = std::fs::read_to_string(&unet_config_path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()))
+            .map_err(|message| PipelineError::UnetConfig {
+                path: unet_config_path.clone(),
+                message: format!("cannot read block_out_channels: {message}"),
+            })?;
+        let scheduler_config =
+            SchedulerConfig::from_file(dir.path("scheduler/scheduler_config.json"))?;
+        let text_encoder = dir.session("text_encoder", session)?;
+        let unet = dir.session("unet", session)?;
+        let vae_decoder = dir.session("vae_decoder", session)?;
+        Ok(Pipeline {
+            config,
+            unet_levels: unet_json.block_out_channels.len().max(1) as u32,
+            tokenizer,
+            scheduler_config,
+            text_encoder,
+            unet,
+            vae_decoder,
+            dir,
+        })
+    }
+
+    pub fn model_dir(&self) -> &ModelDir {
+        &self.dir
+    }
+
+    pub fn config(&self) -> &SdConfig {
+        &self.config
+    }
+
+    /// diffusers' default size: the UNet's sample size times the VAE's scale factor.
+    pub fn default_size(&self) -> (usize, usize) {
+        let side = self.config.unet_sample_size * self.config.vae_scale_factor;
+        (side, side)
+    }
+
+    /// What width and height must be multiples of.
+    pub fn size_multiple(&self) -> usize {
+        self.config.vae_scale_factor << (self.unet_levels - 1)
+    }
+
+    /// Rejects sizes the exported UNet cannot take (it has no path for odd skip sizes).
+    pub fn check_size(&self, width: usize, height: usize) -> Result<(), PipelineError> {
+        let multiple = self.size_multiple();
+        if width == 0 || height == 0 || width % multiple != 0 || height % multiple != 0 {
+            let round = |x: usize| (x.div_ceil(multiple)).max(1) * multiple;
+            return Err(PipelineError::Size {
+                width,
+                height,
+                multiple,
+                vae: self.config.vae_scale_factor,
+                suggestion: format!("{}x{}", round(width), round(height)),
+            });
+        }
+        Ok(())
+    }
+
+    /// Token ids as diffusers' CLIP tokenizer call gives them: BOS, text, EOS, padded with
+    /// `pad_token_id` to `text_max_length`; an over-long prompt keeps its first tokens and EOS.
+    pub fn tokenize(&self, prompt: &str) -> Result<Vec<u32>, PipelineError> {
+        let max = self.config.text_max_length;
+        let encoding =
+            self.tokenizer
+                .encode(prompt, true)
+                .map_err(|e| PipelineError::Tokenize {
+                    prompt: prompt.to_string(),
+                    message: e.to_string(),
+                })?;
+        let mut ids = encoding.get_ids().to_vec();
+        if ids.len() > max {
+            let removed = ids.len() - max;
+            let dropped = self
+                .tokenizer
+                .decode(&ids[max - 1..ids.len() - 1], true)
+                .unwrap_or_default();
+            tracing::warn!(
+                "the prompt is longer than the text encoder's {max} tokens; {removed} tokens were \
+                 truncated: {dropped:?}"
+            );
+            ids.truncate(max - 1);
+            ids.push(self.config.eos_token_id);
+        }
+        ids.resize(max, self.config.pad_token_id);
+        Ok(ids)
+    }
+
+    /// Text embeddings [n, S, hidden] for the given prompts, flattened.
+    fn encode_text(&mut self, prompts: &[&str]) -> Result<(Vec<f32>, Vec<usize>), PipelineError> {
+        let max = self.config.text_max_length;
+        let mut ids = Vec::with_capacity(prompts.len() * max);
+        for prompt in prompts {
+            ids.extend(self.tokenize(prompt)?.into_iter().map(|id| id as i32));
+        }
+        let ids = Array2::from_shape_vec((prompts.len(), max), ids).expect("ids shape");
+        let outputs = self
+            .text_encoder
+            .run(ort::inputs![
+                "input_ids" => TensorRef::from_array_view(&ids).map_err(inference("text_encoder"))?
+            ])
+            .map_err(inference("text_encoder"))?;
+        let hidden = outputs["last_hidden_state"]
+            .try_extract_array::<f32>()
+            .map_err(inference("text_encoder"))?;
+        Ok((hidden.iter().copied().collect(), hidden.shape().to_vec()))
+    }
+
+    /// Makes one image per request, all in one UNet batch (two with CFG: `[uncond..., cond...]`).
+    pub fn generate(
+        &mut self,
+        settings: &Settings,
+        requests: &[Request],
+    ) -> Result<Vec<RgbImage>, PipelineError> {
+        if requests.is_empty() {
+            return Err(PipelineError::NoPrompts);
+        }
+        if settings.steps == 0 {
+            return Err(PipelineError::ZeroSteps);
+        }
+        self.check_size(settings.width, settings.height)?;
+        let n = requests.len();
+        let cfg = settings.guidance > 1.0;
+        let mut texts: Vec<&str> = Vec::with_capacity(2 * n);
+        if cfg {
+            texts.extend(
+                requests
+                    .iter()
+                    .map(|r| r.negative_prompt.as_deref().unwrap_or("")),
+            );
+        }
+        texts.extend(requests.iter().map(|r| r.prompt.as_str()));
+        let (embeddings, embedding_shape) = self.encode_text(&texts)?;
+        let embeddings = ndarray::ArrayView3::from_shape(
+            (embedding_shape[0], embedding_shape[1], embedding_shape[2]),
+            &embeddings,
+        )
+        .expect("embedding shape");
+
+        let mut scheduler = build(settings.scheduler, &self.scheduler_config)?;
+        scheduler.set_timesteps(settings.steps)?;
+        let channels = self.config.latent_channels;
+        let latent_h = settings.height / self.config.vae_scale_factor;
+        let latent_w = settings.width / self.config.vae_scale_factor;
+        let per_image = channels * latent_h * latent_w;
+        let mut generators: Vec<TorchGenerator> = requests
+            .iter()
+            .map(|r| TorchGenerator::new(r.seed))
+            .collect();
+        let sigma = scheduler.init_noise_sigma();
+        let mut latents: Vec<f32> = Vec::with_capacity(n * per_image);
+        for generator in &mut generators {
+            let noise = generator.randn(&[1, channels, latent_h, latent_w]);
+            latents.extend(noise.into_iter().map(|x| x * sigma));
+        }
+
+        let unet_batch = if cfg { 2 * n } else { n };
+        for step in 0..scheduler.model_calls() {
+            let timestep = scheduler.timesteps()[step];
+            let scaled = scheduler.scale_model_input(&latents, step)?;
+            let mut sample = Vec::with_capacity(unet_batch * per_image);
+            if cfg {
+                sample.extend_from_slice(&scaled);
+            }
+            sample.extend_from_slice(&scaled);
+            let sample = Array4::from_shape_vec((unet_batch, channels, latent_h, latent_w), sample)
+                .expect("sample shape");
+            let timesteps = ndarray::Array1::from_elem(unet_batch, timestep);
+            let outputs = self
+                .unet
+                .run(ort::inputs![
+                    "sample" => TensorRef::from_array_view(&sample).map_err(inference("unet"))?,
+                    "timestep" => TensorRef::from_array_view(&timesteps).map_err(inference("unet"))?,
+                    "encoder_hidden_states" =>
+                        TensorRef::from_array_view(embeddings.view()).map_err(inference("unet"))?,
+                ])
+                .map_err(inference("unet"))?;
+            let predicted = outputs["out_sample"]
+                .try_extract_array::<f32>()
+                .map_err(inference("unet"))?;
+            let predicted: Vec<f32> = predicted.iter().copied().collect();
+            let noise_prediction: Vec<f32> = if cfg {
+                let (uncond, cond) = predicted.split_at(n * per_image);
+                uncond
+                    .iter()
+                    .zip(cond)
+                    .map(|(&u, &c)| u + settings.guidance * (c - u))
+                    .collect()
+            } else {
+                predicted
+            };
+            latents = scheduler.step(&noise_prediction, step, &latents, &mut generators)?;
+        }
+
+        let scaling = self.config.vae_scaling_factor;
+        let latents: Vec<f32> = latents.into_iter().map(|x| x / scaling).collect();
+        let latents = ArrayView4::from_shape((n, channels, latent_h, latent_w), &latents)
+            .expect("latent shape");
+        let outputs = self
+            .vae_decoder
+            .run(ort::inputs![
+                "latent_sample" => TensorRef::from_array_view(latents).map_err(inference("vae_decoder"))?
+            ])
+            .map_err(inference("vae_decoder"))?;
+        let decoded = outputs["sample"]
+            .try_extract_array::<f32>()
+            .map_err(inference("vae_decoder"))?;
+        let shape = decoded.shape().to_vec();
+        let (height, width) = (shape[2], shape[3]);
+        let mut images = Vec::with_capacity(n);
+        for index in 0..n {
+            let mut pixels = Vec::with_capacity(height * width * 3);
+            for y in 0..height {
+                for x in 0..width {
+                    for c in 0..3 {
+                        pixels.push(to_byte(decoded[[index, c, y, x]]));
+                    }
+                }
+            }
+            images.push(RgbImage {
+                width,
+                height,
+                pixels,
+            });
+        }
+        Ok(images)
+    }
+}
+
+/// diffusers' postprocess: `(x / 2 + 0.5).clamp(0, 1)`, then `round(x * 255)` (in float32).
+fn to_byte(x: f32) -> u8 {
+    let unit = (x / 2.0 + 0.5).clamp(0.0, 1.0);
+    (unit * 255.0).round_ties_even() as u8
+}
