@@ -213,7 +213,10 @@ fn resize_float(
                     .iter()
                     .enumerate()
                     .map(|(k, w)| w * image.data[(y * image.width + start + k) * 3 + c] as f64)
-                    .sum();
+                    .sum::<f64>()
+                    // The uint8 kernels (Pillow's and torch's) store the first pass as uint8.
+                    .round()
+                    .clamp(0.0, 255.0);
             }
         }
         for (y, (start, weights)) in vertical.iter().enumerate() {
