@@ -249,3 +249,238 @@ fn preprocessing_matches_transformers_processors() {
         report.join("\n")
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The `caption` node through the real binary.
+
+fn write_png(path: &Path, width: u32, height: u32, seed: u32) {
+    let image = image::RgbImage::from_fn(width, height, |x, y| {
+        let v = x * 31 + y * 17 + seed * 59;
+        image::Rgb([
+            (v % 256) as u8,
+            ((v / 3) % 256) as u8,
+            ((v * 7) % 256) as u8,
+        ])
+    });
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    image.save(path).unwrap();
+}
+
+/// A project with a 2-class ImageFolder split and a caption node over `model_dir` (family given).
+fn caption_project(model_dir: &Path, family: &str, extra: &str) -> tempfile::TempDir {
+    let p = tempfile::tempdir().unwrap();
+    for (i, name) in ["cat/a.png", "cat/b.png", "dog/c.png"].iter().enumerate() {
+        write_png(
+            &p.path().join("data/train").join(name),
+            40 + 8 * i as u32,
+            30,
+            i as u32,
+        );
+    }
+    let text = format!(
+        r#"
+[experiment]
+name = "cap"
+
+[datasets.tiny]
+root = "data"
+splits = ["train"]
+
+[models.captioner]
+path = "{}"
+family = "{family}"
+
+[nodes.captions]
+kind = "caption"
+images = "tiny.train"
+model = "captioner"
+max_new_tokens = 8
+batch_size = 2
+{extra}
+"#,
+        model_dir.display()
+    );
+    std::fs::write(p.path().join("exp.toml"), text).unwrap();
+    p
+}
+
+/// Runs `cip` with the test process's ONNX Runtime library (found from the crate root, where
+/// the .venv lives), since the project directory is a temp dir.
+fn cip_run(dir: &Path, args: &[&str]) -> std::process::Output {
+    let library = cip::runtime::find_library().expect("ONNX Runtime library for the tests");
+    std::process::Command::new(common::cip_bin())
+        .args(args)
+        .current_dir(dir)
+        .env_remove("CIP_CACHE")
+        .env("NO_COLOR", "1")
+        .env("ORT_DYLIB_PATH", std::path::absolute(library).unwrap())
+        .output()
+        .expect("cip runs")
+}
+
+fn find_file(root: &Path, name: &str) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(root).ok()?.flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            if let Some(f) = find_file(&p, name) {
+                return Some(f);
+            }
+        } else if p.file_name().is_some_and(|n| n == name) {
+            return Some(p);
+        }
+    }
+    None
+}
+
+#[cfg(feature = "test-kinds")]
+#[test]
+fn caption_node_captions_every_image_and_caches() {
+    for (model, family) in [("blip2-tiny", "blip2"), ("vit-gpt2-tiny", "vit-gpt2")] {
+        let p = caption_project(&fixtures().join(model), family, "num_beams = 2");
+        let first = cip_run(p.path(), &["run", "exp.toml"]);
+        assert!(first.status.success(), "{}", common::stderr(&first));
+        assert_eq!(common::summary(&first), (1, 0, 0));
+        let csv = find_file(p.path(), "captions.csv").expect("captions.csv in the cache");
+        let text = std::fs::read_to_string(&csv).unwrap();
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some("id,class,caption,tokens"));
+        let rows: Vec<&str> = lines.collect();
+        assert_eq!(rows.len(), 3, "{text}");
+        assert!(
+            rows[0].starts_with("cat/a,cat,") && rows[2].starts_with("dog/c,dog,"),
+            "{text}"
+        );
+
+        // The captions are what the library API gives for the same images and settings.
+        let mut captioner =
+            cip::nodes::caption::Captioner::open(family, &fixtures().join(model), &cpu()).unwrap();
+        let settings = captioner.image_settings().clone();
+        let mut pixels = Vec::new();
+        for name in ["cat/a.png", "cat/b.png"] {
+            let rgb = cip::models::preprocess::load_rgb(
+                &p.path().join("data/train").join(name),
+                &settings.rgb_conversion,
+            )
+            .unwrap();
+            pixels.extend(cip::models::preprocess::pixel_values(&rgb, &settings).unwrap());
+        }
+        let options = GenerateOptions {
+            max_new_tokens: 8,
+            num_beams: 2,
+            ..GenerateOptions::default()
+        };
+        let expected = captioner.caption(&pixels, 2, None, &options).unwrap();
+        let mut reader = csv::Reader::from_path(&csv).unwrap();
+        let records: Vec<csv::StringRecord> = reader.records().map(|r| r.unwrap()).collect();
+        for (record, want) in records.iter().zip(&expected) {
+            assert_eq!(&record[2], want.caption, "{family}");
+            assert_eq!(record[3].parse::<usize>().unwrap(), want.tokens, "{family}");
+        }
+
+        let second = cip_run(p.path(), &["run", "exp.toml"]);
+        assert_eq!(common::summary(&second), (0, 1, 0), "{family}");
+    }
+}
+
+#[cfg(feature = "test-kinds")]
+#[test]
+fn caption_node_skips_unreadable_images_when_told() {
+    let p = caption_project(
+        &fixtures().join("blip2-tiny"),
+        "blip2",
+        "on_error = \"skip\"",
+    );
+    std::fs::write(p.path().join("data/train/dog/broken.png"), b"not an image").unwrap();
+    let run = cip_run(p.path(), &["run", "exp.toml"]);
+    assert!(run.status.success(), "{}", common::stderr(&run));
+    let csv = find_file(p.path(), "captions.csv").unwrap();
+    let text = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(
+        text.lines().count(),
+        4,
+        "3 captions and the header:\n{text}"
+    );
+    assert!(!text.contains("broken"), "{text}");
+}
+
+/// The error output of a failing run, with temp and fixture paths made stable.
+fn failure(p: &tempfile::TempDir) -> String {
+    let run = cip_run(p.path(), &["run", "exp.toml"]);
+    assert!(
+        !run.status.success(),
+        "the run must fail:\n{}",
+        common::stdout(&run)
+    );
+    let text = format!("{}{}", common::stdout(&run), common::stderr(&run));
+    let tmp = p.path().display().to_string();
+    let tmp_canonical = p.path().canonicalize().unwrap().display().to_string();
+    text.replace(&tmp_canonical, "[PROJECT]")
+        .replace(&tmp, "[PROJECT]")
+        .replace(&fixtures().display().to_string(), "[FIXTURES]")
+        .lines()
+        // The final `error:` line; the log lines before it carry the node key.
+        .filter(|l| l.starts_with("error"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(feature = "test-kinds")]
+#[test]
+fn caption_node_errors() {
+    let blip = fixtures().join("blip2-tiny");
+    let cases: Vec<(&str, Box<dyn Fn(&Path)>, PathBuf, &str)> = vec![
+        (
+            "not_an_image",
+            Box::new(|root: &Path| {
+                std::fs::write(
+                    root.join("data/train/dog/notes.png"),
+                    b"plain text, not a PNG",
+                )
+                .unwrap()
+            }),
+            blip.clone(),
+            "blip2",
+        ),
+        (
+            "truncated_jpeg",
+            Box::new(|root: &Path| {
+                let path = root.join("data/train/dog/cut.jpg");
+                image::RgbImage::from_pixel(24, 24, image::Rgb([200, 10, 10]))
+                    .save(&path)
+                    .unwrap();
+                let bytes = std::fs::read(&path).unwrap();
+                std::fs::write(&path, &bytes[..bytes.len() / 3]).unwrap();
+            }),
+            blip.clone(),
+            "blip2",
+        ),
+        (
+            "zero_byte_file",
+            Box::new(|root: &Path| {
+                std::fs::write(root.join("data/train/cat/empty.png"), b"").unwrap()
+            }),
+            blip.clone(),
+            "blip2",
+        ),
+        (
+            "no_classes",
+            Box::new(|root: &Path| {
+                std::fs::remove_dir_all(root.join("data/train")).unwrap();
+                write_png(&root.join("data/train/loose.png"), 8, 8, 0);
+            }),
+            blip.clone(),
+            "blip2",
+        ),
+        (
+            "wrong_model_family",
+            Box::new(|_: &Path| {}),
+            fixtures().join("vit-gpt2-tiny"),
+            "blip2",
+        ),
+    ];
+    for (name, damage, model, family) in cases {
+        let p = caption_project(&model, family, "");
+        damage(p.path());
+        insta::assert_snapshot!(format!("caption_error_{name}"), failure(&p));
+    }
+}

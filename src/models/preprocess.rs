@@ -70,7 +70,7 @@ fn over_white(c: [u8; 4]) -> [u8; 3] {
 pub fn load_rgb(path: &Path, rgb_conversion: &str) -> Result<Rgb8, PreprocessError> {
     let unreadable = |message: String| PreprocessError::Unreadable {
         path: path.display().to_string(),
-        message,
+        message: message.trim().to_string(),
     };
     let reader = ImageReader::open(path)
         .map_err(|e| unreadable(e.to_string()))?

@@ -338,12 +338,9 @@ impl NodeKind for Caption {
                             }));
                         }
                         Err(e) => {
-                            return Err(NodeError::File {
-                                path: item.path.clone(),
-                                message: format!(
-                                    "{e} (set on_error = \"skip\" to caption the other images)"
-                                ),
-                            })
+                            return Err(NodeError::Failed(format!(
+                                "{e} (set on_error = \"skip\" to caption the other images)"
+                            )))
                         }
                     }
                 }
