@@ -484,3 +484,62 @@ fn caption_node_errors() {
         insta::assert_snapshot!(format!("caption_error_{name}"), failure(&p));
     }
 }
+
+#[test]
+fn caption_command_captions_files_like_the_node() {
+    use cip::nodes::caption::cli::{caption_files, CaptionArgs};
+    let dir = tempfile::tempdir().unwrap();
+    let images: Vec<PathBuf> = (0..2)
+        .map(|i| {
+            let path = dir.path().join(format!("img{i}.png"));
+            write_png(&path, 36 + 10 * i, 28, i);
+            path
+        })
+        .collect();
+    let model = fixtures().join("vit-gpt2-tiny");
+    let args = CaptionArgs {
+        model: model.clone(),
+        max_new_tokens: 6,
+        beams: 3,
+        prompt: Some("a photo of".into()),
+        provider: "cpu".into(),
+        json: true,
+        images: images.clone(),
+    };
+    let got = caption_files(&args).unwrap();
+    let mut captioner = cip::nodes::caption::Captioner::open("vit-gpt2", &model, &cpu()).unwrap();
+    let settings = captioner.image_settings().clone();
+    let mut pixels = Vec::new();
+    for image in &images {
+        let rgb = cip::models::preprocess::load_rgb(image, &settings.rgb_conversion).unwrap();
+        pixels.extend(cip::models::preprocess::pixel_values(&rgb, &settings).unwrap());
+    }
+    let options = GenerateOptions {
+        max_new_tokens: 6,
+        num_beams: 3,
+        ..GenerateOptions::default()
+    };
+    let want = captioner
+        .caption(&pixels, 2, Some("a photo of"), &options)
+        .unwrap();
+    assert_eq!(got.len(), 2);
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(
+            (g.caption.as_str(), g.tokens),
+            (w.caption.as_str(), w.tokens)
+        );
+    }
+
+    let wrong = CaptionArgs {
+        model: fixtures().join("resnet-tiny"),
+        ..args
+    };
+    let error = caption_files(&wrong)
+        .err()
+        .expect("a classifier cannot caption")
+        .to_string();
+    assert!(
+        error.contains("captioning needs family blip2 or vit-gpt2"),
+        "{error}"
+    );
+}

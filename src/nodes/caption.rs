@@ -388,3 +388,105 @@ impl NodeKind for Caption {
         Ok(summary)
     }
 }
+
+/// `cip caption --model DIR [--max-new-tokens N] [--beams K] [--prompt TEXT] [--json] IMAGE...`:
+/// captions image files directly, without an experiment or the cache.
+pub mod cli {
+    use std::path::PathBuf;
+
+    use super::Captioner;
+    use crate::models::decoding::{CaptionModelError, GenerateOptions};
+    use crate::models::preprocess::{load_rgb, pixel_values, PreprocessError};
+    use crate::runtime::{Provider, RuntimeError, SessionConfig};
+
+    #[derive(Debug, Clone, clap::Args)]
+    pub struct CaptionArgs {
+        /// A blip2 or vit-gpt2 model directory (with cip-model.toml).
+        #[arg(long)]
+        pub model: PathBuf,
+        #[arg(long, default_value_t = 16)]
+        pub max_new_tokens: usize,
+        /// Beam width; 1 is greedy decoding.
+        #[arg(long, default_value_t = 1)]
+        pub beams: usize,
+        /// Text the caption continues (e.g. "a photo of").
+        #[arg(long)]
+        pub prompt: Option<String>,
+        /// Execution provider: cpu, cuda[:N], tensorrt[:N].
+        #[arg(long, default_value = "cpu")]
+        pub provider: String,
+        /// One JSON array of {image, caption, tokens} instead of `IMAGE<TAB>CAPTION` lines.
+        #[arg(long)]
+        pub json: bool,
+        /// Image files.
+        #[arg(required = true)]
+        pub images: Vec<PathBuf>,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    pub enum CaptionCliError {
+        #[error(transparent)]
+        Model(#[from] CaptionModelError),
+        #[error(transparent)]
+        Image(#[from] PreprocessError),
+        #[error(transparent)]
+        Runtime(#[from] RuntimeError),
+        #[error("--beams and --max-new-tokens must be at least 1")]
+        Settings,
+    }
+
+    /// One captioned file.
+    #[derive(Debug, Clone, PartialEq, serde::Serialize)]
+    pub struct FileCaption {
+        pub image: String,
+        pub caption: String,
+        pub tokens: usize,
+    }
+
+    /// Captions every file of `args` in one batch.
+    pub fn caption_files(args: &CaptionArgs) -> Result<Vec<FileCaption>, CaptionCliError> {
+        if args.beams == 0 || args.max_new_tokens == 0 {
+            return Err(CaptionCliError::Settings);
+        }
+        let session = SessionConfig::with_provider(args.provider.parse::<Provider>()?);
+        let mut captioner = Captioner::open_any(&args.model, &session)?;
+        let settings = captioner.image_settings().clone();
+        let mut pixels = Vec::new();
+        for image in &args.images {
+            let rgb = load_rgb(image, &settings.rgb_conversion)?;
+            pixels.extend(pixel_values(&rgb, &settings)?);
+        }
+        let options = GenerateOptions {
+            max_new_tokens: args.max_new_tokens,
+            num_beams: args.beams,
+            ..GenerateOptions::default()
+        };
+        let captions =
+            captioner.caption(&pixels, args.images.len(), args.prompt.as_deref(), &options)?;
+        Ok(args
+            .images
+            .iter()
+            .zip(captions)
+            .map(|(image, c)| FileCaption {
+                image: image.display().to_string(),
+                caption: c.caption,
+                tokens: c.tokens,
+            })
+            .collect())
+    }
+
+    pub fn run(args: &CaptionArgs) -> Result<(), CaptionCliError> {
+        let captions = caption_files(args)?;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&captions).expect("captions serialise")
+            );
+        } else {
+            for c in captions {
+                println!("{}\t{}", c.image, c.caption);
+            }
+        }
+        Ok(())
+    }
+}
