@@ -428,7 +428,8 @@ fn failure(p: &tempfile::TempDir) -> String {
 #[test]
 fn caption_node_errors() {
     let blip = fixtures().join("blip2-tiny");
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, PathBuf, &str)> = vec![
+    type Damage = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Damage, PathBuf, &str)> = vec![
         (
             "not_an_image",
             Box::new(|root: &Path| {
@@ -535,8 +536,7 @@ fn caption_command_captions_files_like_the_node() {
         ..args
     };
     let error = caption_files(&wrong)
-        .err()
-        .expect("a classifier cannot caption")
+        .expect_err("a classifier cannot caption")
         .to_string();
     assert!(
         error.contains("captioning needs family blip2 or vit-gpt2"),

@@ -16,6 +16,9 @@ use super::decoding::{
 use super::preprocess::ImageSettings;
 use crate::runtime::{Family, ModelDir, SessionConfig};
 
+/// One id (or mask) sequence per row.
+pub type TokenRows = Vec<Vec<i64>>;
+
 /// The `[config]` keys of a `blip2` model directory that decoding needs.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Blip2Config {
@@ -136,7 +139,7 @@ impl Blip2 {
         &self,
         batch: usize,
         prompts: Option<&[String]>,
-    ) -> Result<(Vec<Vec<i64>>, Vec<Vec<i64>>), CaptionModelError> {
+    ) -> Result<(TokenRows, TokenRows), CaptionModelError> {
         let texts: Vec<Vec<i64>> = match prompts {
             None => vec![vec![self.config.bos_token_id]; batch],
             Some(p) => p
