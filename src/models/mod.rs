@@ -1,3 +1,7 @@
 //! Model families on ONNX Runtime.
 
+pub mod blip2;
+pub mod decoding;
+pub mod preprocess;
 pub mod sd;
+pub mod vit_gpt2;

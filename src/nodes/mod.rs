@@ -5,6 +5,7 @@
 //! change speed (batch size, threads) are listed in `speed_only` and are kept out of the key, so
 //! retuning throughput never invalidates a cached stage.
 
+pub mod caption;
 pub mod compose;
 pub mod generate;
 #[cfg(any(test, feature = "test-kinds"))]
@@ -246,7 +247,11 @@ pub fn resolve_typed<P: DeserializeOwned + Serialize>(
 /// Every node kind compiled into this binary.
 pub fn registry() -> Vec<&'static dyn NodeKind> {
     #[allow(unused_mut)]
-    let mut kinds: Vec<&'static dyn NodeKind> = vec![&compose::Compose, &generate::Generate];
+    let mut kinds: Vec<&'static dyn NodeKind> = vec![
+        &caption::Caption,
+        &compose::Compose,
+        &generate::Generate,
+    ];
     #[cfg(any(test, feature = "test-kinds"))]
     kinds.extend(testkinds::kinds());
     kinds
