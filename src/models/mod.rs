@@ -1,3 +1,4 @@
 //! Model families on ONNX Runtime.
 
+pub mod classifier;
 pub mod sd;

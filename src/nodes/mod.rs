@@ -6,8 +6,10 @@
 //! retuning throughput never invalidates a cached stage.
 
 pub mod compose;
+pub mod eval;
 #[cfg(any(test, feature = "test-kinds"))]
 pub mod testkinds;
+pub mod train;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -245,7 +247,7 @@ pub fn resolve_typed<P: DeserializeOwned + Serialize>(
 /// Every node kind compiled into this binary.
 pub fn registry() -> Vec<&'static dyn NodeKind> {
     #[allow(unused_mut)]
-    let mut kinds: Vec<&'static dyn NodeKind> = vec![&compose::Compose];
+    let mut kinds: Vec<&'static dyn NodeKind> = vec![&compose::Compose, &train::Train, &eval::Eval];
     #[cfg(any(test, feature = "test-kinds"))]
     kinds.extend(testkinds::kinds());
     kinds
