@@ -195,6 +195,23 @@ use common::*;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// `cip` in a temp project, told where ONNX Runtime is (the temp dir has no .venv to find).
+fn cip_ort(dir: &Path, args: &[&str]) -> std::process::Output {
+    ort_command(dir, args).output().expect("cip runs")
+}
+
+fn ort_command(dir: &Path, args: &[&str]) -> Command {
+    let library = cip::runtime::find_library().expect("ONNX Runtime for the tests");
+    let mut command = Command::new(cip_bin());
+    command
+        .args(args)
+        .current_dir(dir)
+        .env_remove("CIP_CACHE")
+        .env("NO_COLOR", "1")
+        .env("ORT_DYLIB_PATH", std::path::absolute(library).unwrap());
+    command
+}
+
 /// A class-coloured ImageFolder: `classes` classes, `per_class` images each, in `root/split`.
 fn draw_split(root: &Path, split: &str, classes: usize, per_class: usize) {
     for c in 0..classes {
@@ -279,7 +296,7 @@ fn trained_files(project: &Path) -> Vec<(String, Vec<u8>)> {
 #[test]
 fn train_then_eval_then_cached_rerun() {
     let p = toy_project(4, 2, 8);
-    let first = cip(p.path(), &["run", "exp.toml"]);
+    let first = cip_ort(p.path(), &["run", "exp.toml"]);
     assert!(first.status.success(), "{}", stderr(&first));
     assert_eq!(summary(&first), (2, 0, 0));
     let files = trained_files(p.path());
@@ -333,7 +350,7 @@ fn train_then_eval_then_cached_rerun() {
         .sum();
     assert_eq!(counted, 8, "{confusion}");
 
-    let second = cip(p.path(), &["run", "exp.toml"]);
+    let second = cip_ort(p.path(), &["run", "exp.toml"]);
     assert!(second.status.success(), "{}", stderr(&second));
     assert_eq!(summary(&second), (0, 2, 0));
 }
@@ -342,14 +359,11 @@ fn train_then_eval_then_cached_rerun() {
 fn kill_9_during_training_resumes_to_identical_weights() {
     let epochs = 40;
     let reference = toy_project(4, epochs, 4);
-    let done = cip(reference.path(), &["run", "exp.toml"]);
+    let done = cip_ort(reference.path(), &["run", "exp.toml"]);
     assert!(done.status.success(), "{}", stderr(&done));
 
     let p = toy_project(4, epochs, 4);
-    let mut child = Command::new(cip_bin())
-        .args(["run", "exp.toml", "-q"])
-        .current_dir(p.path())
-        .env_remove("CIP_CACHE")
+    let mut child = ort_command(p.path(), &["run", "exp.toml", "-q"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -374,7 +388,7 @@ fn kill_9_during_training_resumes_to_identical_weights() {
         entries(&cache, "train").is_empty(),
         "training finished before the kill; raise epochs"
     );
-    let rerun = cip(p.path(), &["run", "exp.toml"]);
+    let rerun = cip_ort(p.path(), &["run", "exp.toml"]);
     assert!(rerun.status.success(), "{}", stderr(&rerun));
     assert_eq!(trained_files(p.path()), trained_files(reference.path()));
     let log = std::fs::read_to_string(entries(&cache, "train")[0].join("train_log.csv")).unwrap();
@@ -382,7 +396,7 @@ fn kill_9_during_training_resumes_to_identical_weights() {
 }
 
 fn failure(p: &Path) -> String {
-    let out = cip(p, &["run", "exp.toml"]);
+    let out = cip_ort(p, &["run", "exp.toml"]);
     assert!(!out.status.success(), "must fail:\n{}", stdout(&out));
     let text = stderr(&out);
     let start = text.find("node `clf`").unwrap_or(0);
@@ -402,7 +416,7 @@ fn more_classes_than_outputs_is_an_error() {
 #[test]
 fn batch_size_larger_than_the_data_trains_one_batch_per_epoch() {
     let p = toy_project(2, 1, 500);
-    let out = cip(p.path(), &["run", "exp.toml"]);
+    let out = cip_ort(p.path(), &["run", "exp.toml"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let entry = &entries(&p.path().join(".cip/cache"), "train")[0];
     let log = std::fs::read_to_string(entry.join("train_log.csv")).unwrap();
