@@ -390,6 +390,11 @@ fn kill_9_during_training_resumes_to_identical_weights() {
     );
     let rerun = cip_ort(p.path(), &["run", "exp.toml"]);
     assert!(rerun.status.success(), "{}", stderr(&rerun));
+    assert!(
+        stderr(&rerun).contains("resuming after epoch"),
+        "the rerun must start from the checkpoint:\n{}",
+        stderr(&rerun)
+    );
     assert_eq!(trained_files(p.path()), trained_files(reference.path()));
     let log = std::fs::read_to_string(entries(&cache, "train")[0].join("train_log.csv")).unwrap();
     assert_eq!(log.lines().count(), epochs as usize + 1, "{log}");
