@@ -5,6 +5,7 @@
 //! CSV is the manifest format between nodes: it opens in anything, and every artifact's rows carry
 //! a stable `id` so that outputs can be sorted, merged and resumed independently of order.
 
+pub mod augment;
 pub mod check;
 pub mod classes;
 pub mod cli;

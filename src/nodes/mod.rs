@@ -7,9 +7,11 @@
 
 pub mod caption;
 pub mod compose;
+pub mod eval;
 pub mod generate;
 #[cfg(any(test, feature = "test-kinds"))]
 pub mod testkinds;
+pub mod train;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -251,6 +253,8 @@ pub fn registry() -> Vec<&'static dyn NodeKind> {
         &caption::Caption,
         &compose::Compose,
         &generate::Generate,
+        &train::Train,
+        &eval::Eval,
     ];
     #[cfg(any(test, feature = "test-kinds"))]
     kinds.extend(testkinds::kinds());

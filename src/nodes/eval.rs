@@ -1,0 +1,254 @@
+//! eval: a trained classifier + test sets -> top-1 / top-5 accuracy per test set.
+//!
+//! Test images map to classifier outputs by class folder id (WordNet id): output i is line i of
+//! the classifier's `classes.txt`. Test classes the classifier never saw are not scored (counted
+//! as `skipped`). `mask` names a class file whose classes alone compete (e.g. an ImageNet-100
+//! subset evaluated with a 1000-way head).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::train::artifact_images;
+use super::{ArtifactType, InputSlot, NodeError, NodeKind, ParamError, RunContext, RunSummary};
+use crate::data::augment::{self, Interpolation};
+use crate::data::table::write_csv;
+use crate::models::classifier::{forward_logits, ClassifierConfig};
+use crate::runtime::{Family, ModelDir, SessionConfig};
+
+pub struct Eval;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalParams {
+    /// Must equal the classifier's image size when given.
+    #[serde(default)]
+    pub image_size: Option<u32>,
+    /// Class file (one id per line, or `id,name` CSV rows): only these classes' logits compete.
+    #[serde(default)]
+    pub mask: Option<String>,
+    #[serde(default)]
+    pub interpolation: Interpolation,
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+}
+
+fn default_batch_size() -> usize {
+    64
+}
+
+const INPUTS: &[InputSlot] = &[
+    InputSlot {
+        name: "classifier",
+        accepts: &[ArtifactType::Classifier],
+        many: false,
+        required: true,
+    },
+    InputSlot {
+        name: "test",
+        accepts: &[ArtifactType::Images],
+        many: true,
+        required: true,
+    },
+];
+
+/// Test set name in metrics.json: `demo.val` for a dataset split, the node name otherwise.
+pub fn test_set_name(origin: &str) -> String {
+    origin
+        .strip_prefix("dataset ")
+        .or_else(|| origin.strip_prefix("node "))
+        .unwrap_or(origin)
+        .to_string()
+}
+
+fn read_class_ids(path: &Path) -> Result<Vec<String>, NodeError> {
+    let text = std::fs::read_to_string(path).map_err(NodeError::io(path))?;
+    Ok(text
+        .lines()
+        .map(|l| l.split(',').next().unwrap_or("").trim().to_string())
+        .filter(|l| !l.is_empty() && l != "id")
+        .collect())
+}
+
+impl NodeKind for Eval {
+    fn name(&self) -> &'static str {
+        "eval"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn inputs(&self) -> &'static [InputSlot] {
+        INPUTS
+    }
+    fn output(&self) -> ArtifactType {
+        ArtifactType::Metrics
+    }
+    fn param_names(&self) -> &'static [&'static str] {
+        &["image_size", "mask", "interpolation", "batch_size"]
+    }
+    fn speed_only(&self) -> &'static [&'static str] {
+        &["batch_size"]
+    }
+    fn file_params(&self) -> &'static [&'static str] {
+        &["mask"]
+    }
+    fn resolve_params(&self, table: &toml::Table) -> Result<serde_json::Value, ParamError> {
+        let value = super::resolve_typed::<EvalParams>(table)?;
+        let p: EvalParams = serde_json::from_value(value.clone()).unwrap();
+        if p.batch_size == 0 {
+            return Err(ParamError {
+                key: Some("batch_size".into()),
+                message: "must be at least 1".into(),
+            });
+        }
+        Ok(value)
+    }
+    fn run(&self, ctx: &mut RunContext<'_>) -> Result<RunSummary, NodeError> {
+        let p: EvalParams = ctx.params()?;
+        let classifier = ctx.input("classifier")?.clone();
+        let failed = |e: crate::runtime::RuntimeError| {
+            NodeError::Failed(format!("node `{}`: {e}", ctx.node))
+        };
+        let dir = ModelDir::open(&classifier.dir, Some(Family::Classifier)).map_err(failed)?;
+        let config: ClassifierConfig = dir.config_as().map_err(failed)?;
+        if let Some(size) = p.image_size {
+            if size != config.image_size {
+                return Err(NodeError::Failed(format!(
+                    "node `{}`: image_size = {size}, but the classifier takes {}px images",
+                    ctx.node, config.image_size
+                )));
+            }
+        }
+        let classes = read_class_ids(&dir.path("classes.txt"))?;
+        let index_of: HashMap<&str, usize> = classes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.as_str(), i))
+            .collect();
+        let allowed: Option<Vec<bool>> = match &p.mask {
+            None => None,
+            Some(file) => {
+                let ids = read_class_ids(&ctx.resolve_file(file))?;
+                let mut keep = vec![false; config.num_classes];
+                for id in &ids {
+                    if let Some(&i) = index_of.get(id.as_str()) {
+                        keep[i] = true;
+                    }
+                }
+                Some(keep)
+            }
+        };
+        let session_config = SessionConfig {
+            intra_threads: Some(ctx.settings.threads.max(1)),
+            ..SessionConfig::default()
+        };
+        let mut session = dir.session("forward", &session_config).map_err(failed)?;
+
+        let mut metrics = serde_json::Map::new();
+        let mut per_class_rows: Vec<[String; 5]> = Vec::new();
+        let mut confusion_rows: Vec<[String; 4]> = Vec::new();
+        let mut total = 0u64;
+        for test in ctx.inputs.get("test").cloned().unwrap_or_default() {
+            let name = test_set_name(&test.origin);
+            let images = artifact_images(&test)?;
+            let (scored, skipped): (Vec<_>, Vec<_>) = images
+                .iter()
+                .partition(|i| index_of.contains_key(i.class.as_str()));
+            let (mut top1, mut top5) = (0u64, 0u64);
+            let mut per_class: BTreeMap<&str, (u64, u64, u64)> = BTreeMap::new();
+            let mut confusion: BTreeMap<(&str, usize), u64> = BTreeMap::new();
+            for chunk in scored.chunks(p.batch_size.max(1)) {
+                let paths: Vec<&Path> = chunk.iter().map(|i| i.path.as_path()).collect();
+                let batch = augment::eval_batch(
+                    &paths,
+                    config.image_size,
+                    p.interpolation,
+                    config.mean,
+                    config.std,
+                )
+                .map_err(|e| NodeError::Failed(e.to_string()))?;
+                let logits = forward_logits(&mut session, dir.root(), batch.view())
+                    .map_err(|e| NodeError::Failed(format!("node `{}`: {e}", ctx.node)))?;
+                for (item, row) in chunk.iter().zip(logits.rows()) {
+                    let truth = index_of[item.class.as_str()];
+                    let mut ranked: Vec<usize> = (0..row.len())
+                        .filter(|&i| allowed.as_ref().is_none_or(|a| a[i]))
+                        .collect();
+                    // Ties break toward the lower index, like torch.topk on CPU.
+                    ranked.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+                    let hit1 = ranked.first() == Some(&truth);
+                    let hit5 = ranked.iter().take(5).any(|&i| i == truth);
+                    top1 += u64::from(hit1);
+                    top5 += u64::from(hit5);
+                    let e = per_class.entry(item.class.as_str()).or_default();
+                    e.0 += 1;
+                    e.1 += u64::from(hit1);
+                    e.2 += u64::from(hit5);
+                    if let Some(&pred) = ranked.first() {
+                        *confusion.entry((item.class.as_str(), pred)).or_default() += 1;
+                    }
+                }
+            }
+            let n = scored.len() as u64;
+            let pct = |k: u64| {
+                if n == 0 {
+                    0.0
+                } else {
+                    100.0 * k as f64 / n as f64
+                }
+            };
+            metrics.insert(
+                name.clone(),
+                serde_json::json!({
+                    "top1": pct(top1),
+                    "top5": pct(top5),
+                    "n": n,
+                    "skipped": skipped.len(),
+                }),
+            );
+            for (class, (count, h1, h5)) in &per_class {
+                per_class_rows.push([
+                    name.clone(),
+                    class.to_string(),
+                    count.to_string(),
+                    format!("{}", 100.0 * *h1 as f64 / *count as f64),
+                    format!("{}", 100.0 * *h5 as f64 / *count as f64),
+                ]);
+            }
+            for ((truth, pred), count) in &confusion {
+                let pred_name = classes
+                    .get(*pred)
+                    .cloned()
+                    .unwrap_or_else(|| format!("output{pred}"));
+                confusion_rows.push([
+                    name.clone(),
+                    truth.to_string(),
+                    pred_name,
+                    count.to_string(),
+                ]);
+            }
+            total += n;
+        }
+        let metrics_path = ctx.out.join("metrics.json");
+        let text = serde_json::to_string_pretty(&serde_json::Value::Object(metrics))
+            .map_err(|e| NodeError::Failed(e.to_string()))?;
+        std::fs::write(&metrics_path, text + "\n").map_err(NodeError::io(&metrics_path))?;
+        let csv_error = |e: crate::data::DataError| NodeError::Failed(e.to_string());
+        write_csv(
+            &ctx.out.join("per_class.csv"),
+            &["set", "class", "n", "top1", "top5"],
+            per_class_rows,
+        )
+        .map_err(csv_error)?;
+        write_csv(
+            &ctx.out.join("confusion.csv"),
+            &["set", "true", "predicted", "count"],
+            confusion_rows,
+        )
+        .map_err(csv_error)?;
+        let mut summary = RunSummary::default();
+        summary.counts.insert("images".into(), total);
+        Ok(summary)
+    }
+}

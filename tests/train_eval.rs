@@ -1,0 +1,429 @@
+//! The classifier family against torch's references (tests/fixtures/reference/classifier), and
+//! the `train` / `eval` nodes through the real binary.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use cip::models::classifier::{read_tensors, Classifier, StepScalars, TrainState};
+use cip::runtime::SessionConfig;
+use ndarray::{ArrayD, Ix4};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn reference() -> PathBuf {
+    fixtures().join("reference/classifier")
+}
+
+fn single_thread() -> SessionConfig {
+    SessionConfig {
+        intra_threads: Some(1),
+        ..SessionConfig::default()
+    }
+}
+
+fn index() -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(reference().join("index.json")).unwrap()).unwrap()
+}
+
+fn tensor(file: &Path, name: &str) -> ArrayD<f32> {
+    let bytes = std::fs::read(file).unwrap();
+    read_tensors(file, &bytes, &[name.to_string()], "")
+        .unwrap()
+        .remove(0)
+}
+
+fn labels(file: &Path) -> Vec<i64> {
+    let bytes = std::fs::read(file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let view = st.tensor("labels").unwrap();
+    assert_eq!(view.dtype(), safetensors::Dtype::I64);
+    view.data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// max |a - b| / max |b|, the measure index.json's tolerances are stated in.
+fn relative_error(got: &ArrayD<f32>, want: &ArrayD<f32>) -> f64 {
+    assert_eq!(got.shape(), want.shape());
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+    let diff = got
+        .iter()
+        .zip(want.iter())
+        .fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()));
+    if scale == 0.0 {
+        diff
+    } else {
+        diff / scale
+    }
+}
+
+fn tolerance_for(tolerance: &serde_json::Value, name: &str) -> f64 {
+    let group = if name.starts_with("param.") {
+        "param"
+    } else if name.starts_with("momentum_buf.") {
+        "momentum_buf"
+    } else {
+        "state"
+    };
+    tolerance[group].as_f64().unwrap()
+}
+
+/// Every SGD case, step 2 chained from Rust's own step-1 state (not torch's), so errors compound
+/// as they would in training.
+#[test]
+fn train_step_matches_torch_sgd() {
+    let index = index();
+    let tolerance = &index["tolerance"];
+    let mut classifier =
+        Classifier::open(&fixtures().join("resnet-tiny"), single_thread()).unwrap();
+    let names = classifier.state_names();
+    let mut chained: std::collections::BTreeMap<String, TrainState> = Default::default();
+    let mut worst = std::collections::BTreeMap::<&str, f64>::new();
+    let cases = index["cases"].as_array().unwrap();
+    let mut ran = 0;
+    for case in cases.iter().filter(|c| c["kind"] == "train_step") {
+        let name = case["name"].as_str().unwrap();
+        let state_in = case["state_in"].as_str().unwrap();
+        let mut state = if case["state_in_prefix"] == "new." {
+            let from = state_in.trim_end_matches(".safetensors");
+            chained
+                .get(from)
+                .unwrap_or_else(|| panic!("{name}: {from} must run first"))
+                .clone()
+        } else {
+            TrainState::read(&reference().join(state_in), &names, "").unwrap()
+        };
+        let batch = reference().join(case["batch"].as_str().unwrap());
+        let images = tensor(&batch, "images")
+            .into_dimensionality::<Ix4>()
+            .unwrap();
+        let s = &case["scalars"];
+        let f = |k: &str| s[k].as_f64().unwrap() as f32;
+        let scalars = StepScalars {
+            lr: f("lr"),
+            momentum: f("momentum"),
+            weight_decay: f("weight_decay"),
+            nesterov: f("nesterov") != 0.0,
+            label_smoothing: f("label_smoothing"),
+        };
+        let loss = classifier
+            .train_step(&mut state, images.view(), &labels(&batch), scalars)
+            .unwrap();
+        let expected_file = reference().join(case["file"].as_str().unwrap());
+        let expected = TrainState::read(&expected_file, &names, "new.").unwrap();
+        for ((tensor_name, got), (_, want)) in state.tensors.iter().zip(&expected.tensors) {
+            let err = relative_error(got, want);
+            let tol = tolerance_for(tolerance, tensor_name);
+            assert!(
+                err <= tol,
+                "{name}: {tensor_name} off by {err:e} (tolerance {tol:e})"
+            );
+            let group = tensor_name.split('.').next().unwrap();
+            let w = worst.entry(match group {
+                "param" => "param",
+                "momentum_buf" => "momentum_buf",
+                _ => "state",
+            });
+            let w = w.or_insert(0.0);
+            *w = w.max(err);
+        }
+        let want_loss = tensor(&expected_file, "loss")
+            .into_dimensionality::<ndarray::Ix0>()
+            .unwrap()
+            .into_scalar();
+        let loss_err = ((loss - want_loss) / want_loss).abs() as f64;
+        assert!(
+            loss_err <= tolerance["loss"].as_f64().unwrap(),
+            "{name}: loss {loss} vs torch {want_loss}"
+        );
+        let w = worst.entry("loss").or_insert(0.0);
+        *w = w.max(loss_err);
+        chained.insert(name.to_string(), state);
+        ran += 1;
+    }
+    assert_eq!(ran, 8, "index.json lists 8 SGD cases");
+    eprintln!("worst relative errors: {worst:?}");
+}
+
+#[test]
+fn forward_and_written_forward_model_match_torch_logits() {
+    let index = index();
+    let tol = index["tolerance"]["logits"].as_f64().unwrap();
+    let mut classifier =
+        Classifier::open(&fixtures().join("resnet-tiny"), single_thread()).unwrap();
+    let names = classifier.state_names();
+    for case in index["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["kind"] == "forward")
+    {
+        let file = reference().join(case["file"].as_str().unwrap());
+        let images = tensor(&file, "images")
+            .into_dimensionality::<Ix4>()
+            .unwrap();
+        let want = tensor(&file, "logits");
+        let weights = reference().join(case["weights"].as_str().unwrap());
+        let state =
+            TrainState::read(&weights, &names, case["weights_prefix"].as_str().unwrap()).unwrap();
+        // Through a model directory written from the state: the path the train node takes.
+        let out = tempfile::tempdir().unwrap();
+        classifier.write_forward_model(&state, out.path()).unwrap();
+        let mut session =
+            cip::runtime::open_session(&out.path().join("model.onnx"), &single_thread()).unwrap();
+        let got = cip::models::classifier::forward_logits(&mut session, out.path(), images.view())
+            .unwrap()
+            .into_dyn();
+        let err = relative_error(&got, &want);
+        eprintln!("{}: written model logits error {err:e}", case["name"]);
+        assert!(err <= tol, "{}: logits off by {err:e}", case["name"]);
+        if case["weights_prefix"] == "" {
+            let own = classifier.forward(images.view()).unwrap().into_dyn();
+            let err = relative_error(&own, &want);
+            assert!(err <= tol, "forward graph logits off by {err:e}");
+        }
+    }
+}
+
+// ---- the nodes through the real binary ----
+
+use common::*;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `cip` in a temp project, told where ONNX Runtime is (the temp dir has no .venv to find).
+fn cip_ort(dir: &Path, args: &[&str]) -> std::process::Output {
+    ort_command(dir, args).output().expect("cip runs")
+}
+
+fn ort_command(dir: &Path, args: &[&str]) -> Command {
+    let library = cip::runtime::find_library().expect("ONNX Runtime for the tests");
+    let mut command = Command::new(cip_bin());
+    command
+        .args(args)
+        .current_dir(dir)
+        .env_remove("CIP_CACHE")
+        .env("NO_COLOR", "1")
+        .env("ORT_DYLIB_PATH", std::path::absolute(library).unwrap());
+    command
+}
+
+/// A class-coloured ImageFolder: `classes` classes, `per_class` images each, in `root/split`.
+fn draw_split(root: &Path, split: &str, classes: usize, per_class: usize) {
+    for c in 0..classes {
+        let dir = root.join(split).join(format!("n{:08}", c + 1));
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..per_class {
+            let img = image::RgbImage::from_fn(40, 36, |x, y| {
+                let base = [
+                    (c * 60 % 256) as u8,
+                    (c * 110 % 256) as u8,
+                    (c * 170 % 256) as u8,
+                ];
+                let noise = ((x * 7 + y * 13 + i as u32 * 31) % 40) as u8;
+                image::Rgb([
+                    base[0].wrapping_add(noise),
+                    base[1].wrapping_add(noise / 2),
+                    base[2],
+                ])
+            });
+            img.save(dir.join(format!("img{i}.png"))).unwrap();
+        }
+    }
+}
+
+fn experiment(epochs: u32, batch_size: usize) -> String {
+    format!(
+        r#"
+[experiment]
+name = "te"
+
+[datasets.toy]
+root = "data"
+splits = ["train", "val"]
+
+[models.tiny]
+path = "{}"
+family = "classifier"
+
+[nodes.clf]
+kind = "train"
+data = ["toy.train"]
+model = "tiny"
+epochs = {epochs}
+batch_size = {batch_size}
+
+[nodes.score]
+kind = "eval"
+classifier = "clf"
+test = ["toy.val"]
+"#,
+        fixtures().join("resnet-tiny").display()
+    )
+}
+
+fn toy_project(classes: usize, epochs: u32, batch_size: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    draw_split(&dir.path().join("data"), "train", classes, 6);
+    draw_split(&dir.path().join("data"), "val", classes, 2);
+    std::fs::write(dir.path().join("exp.toml"), experiment(epochs, batch_size)).unwrap();
+    dir
+}
+
+/// The trained classifier's files that must not depend on timing (train_log.csv carries
+/// images_per_sec, so it is left out).
+fn trained_files(project: &Path) -> Vec<(String, Vec<u8>)> {
+    let entries = entries(&project.join(".cip/cache"), "train");
+    assert_eq!(entries.len(), 1, "one train entry");
+    tree(&entries[0])
+        .into_iter()
+        .filter(|(p, _)| {
+            [
+                "model.onnx",
+                "model.onnx.data",
+                "classes.txt",
+                "cip-model.toml",
+            ]
+            .contains(&p.as_str())
+        })
+        .collect()
+}
+
+#[test]
+fn train_then_eval_then_cached_rerun() {
+    let p = toy_project(4, 2, 8);
+    let first = cip_ort(p.path(), &["run", "exp.toml"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert_eq!(summary(&first), (2, 0, 0));
+    let files = trained_files(p.path());
+    assert_eq!(
+        files.len(),
+        4,
+        "{:?}",
+        files.iter().map(|f| &f.0).collect::<Vec<_>>()
+    );
+    let classes = String::from_utf8(
+        files
+            .iter()
+            .find(|f| f.0 == "classes.txt")
+            .unwrap()
+            .1
+            .clone(),
+    )
+    .unwrap();
+    assert_eq!(classes, "n00000001\nn00000002\nn00000003\nn00000004\n");
+    let entry = &entries(&p.path().join(".cip/cache"), "train")[0];
+    // The output is a model directory cip itself accepts, without leftover checkpoints.
+    cip::runtime::ModelDir::open(entry, Some(cip::runtime::Family::Classifier)).unwrap();
+    assert!(!entry.join("checkpoint").exists());
+    let log = std::fs::read_to_string(entry.join("train_log.csv")).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines[0], "epoch,loss,lr,images_per_sec");
+    assert_eq!(lines.len(), 3, "{log}");
+    for line in &lines[1..] {
+        let fields: Vec<f64> = line.split(',').map(|f| f.parse().unwrap()).collect();
+        assert!(fields[1].is_finite() && fields[1] > 0.0, "{line}");
+        assert!(fields[3] > 0.0, "{line}");
+        eprintln!("train log: {line}");
+    }
+    let eval = &entries(&p.path().join(".cip/cache"), "eval")[0];
+    let metrics: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(eval.join("metrics.json")).unwrap()).unwrap();
+    let val = &metrics["toy.val"];
+    assert_eq!(val["n"], 8, "{metrics}");
+    let top1 = val["top1"].as_f64().unwrap();
+    assert!(
+        (0.0..=100.0).contains(&top1) && val["top5"].as_f64().unwrap() >= top1,
+        "{metrics}"
+    );
+    let per_class = std::fs::read_to_string(eval.join("per_class.csv")).unwrap();
+    assert_eq!(per_class.lines().count(), 5, "{per_class}");
+    let confusion = std::fs::read_to_string(eval.join("confusion.csv")).unwrap();
+    let counted: u64 = confusion
+        .lines()
+        .skip(1)
+        .map(|l| l.rsplit(',').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(counted, 8, "{confusion}");
+
+    let second = cip_ort(p.path(), &["run", "exp.toml"]);
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert_eq!(summary(&second), (0, 2, 0));
+}
+
+#[test]
+fn kill_9_during_training_resumes_to_identical_weights() {
+    let epochs = 40;
+    let reference = toy_project(4, epochs, 4);
+    let done = cip_ort(reference.path(), &["run", "exp.toml"]);
+    assert!(done.status.success(), "{}", stderr(&done));
+
+    let p = toy_project(4, epochs, 4);
+    let mut child = ort_command(p.path(), &["run", "exp.toml", "-q"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let cache = p.path().join(".cip/cache");
+    let checkpoint_exists = || {
+        std::fs::read_dir(cache.join("train"))
+            .map(|rd| {
+                rd.flatten()
+                    .any(|e| e.path().join("checkpoint/state.safetensors").is_file())
+            })
+            .unwrap_or(false)
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !checkpoint_exists() {
+        assert!(Instant::now() < deadline, "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        entries(&cache, "train").is_empty(),
+        "training finished before the kill; raise epochs"
+    );
+    let rerun = cip_ort(p.path(), &["run", "exp.toml"]);
+    assert!(rerun.status.success(), "{}", stderr(&rerun));
+    assert!(
+        stderr(&rerun).contains("resuming after epoch"),
+        "the rerun must start from the checkpoint:\n{}",
+        stderr(&rerun)
+    );
+    assert_eq!(trained_files(p.path()), trained_files(reference.path()));
+    let log = std::fs::read_to_string(entries(&cache, "train")[0].join("train_log.csv")).unwrap();
+    assert_eq!(log.lines().count(), epochs as usize + 1, "{log}");
+}
+
+fn failure(p: &Path) -> String {
+    let out = cip_ort(p, &["run", "exp.toml"]);
+    assert!(!out.status.success(), "must fail:\n{}", stdout(&out));
+    let text = stderr(&out);
+    let start = text.find("node `clf`").unwrap_or(0);
+    let line = text[start..].lines().next().unwrap_or("").to_string();
+    line.replace(
+        &fixtures().join("resnet-tiny").display().to_string(),
+        "<resnet-tiny>",
+    )
+}
+
+#[test]
+fn more_classes_than_outputs_is_an_error() {
+    let p = toy_project(12, 1, 8);
+    insta::assert_snapshot!(failure(p.path()));
+}
+
+#[test]
+fn batch_size_larger_than_the_data_trains_one_batch_per_epoch() {
+    let p = toy_project(2, 1, 500);
+    let out = cip_ort(p.path(), &["run", "exp.toml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let entry = &entries(&p.path().join(".cip/cache"), "train")[0];
+    let log = std::fs::read_to_string(entry.join("train_log.csv")).unwrap();
+    assert_eq!(log.lines().count(), 2, "{log}");
+}
