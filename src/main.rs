@@ -85,6 +85,10 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Generate one image from a prompt with a Stable Diffusion model directory.
+    Generate(cip::nodes::generate::cli::GenerateArgs),
+    /// Caption image files with a blip2 or vit-gpt2 model directory.
+    Caption(cip::nodes::caption::cli::CaptionArgs),
     /// Exported model directories.
     #[command(subcommand)]
     Models(ModelsCommand),
@@ -306,6 +310,14 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             let dir = results.unwrap_or_else(|| PathBuf::from("results").join(&exp.name));
             let (csv, md) = table.write(&dir, &exp.name)?;
             println!("{}\n{}", csv.display(), md.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Generate(args) => {
+            cip::nodes::generate::cli::run(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Caption(args) => {
+            cip::nodes::caption::cli::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Models(ModelsCommand::Check { dir, deep }) => {
