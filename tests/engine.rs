@@ -6,7 +6,6 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -129,21 +128,8 @@ fn kill_9_mid_node_then_rerun_is_byte_identical() {
     assert!(cip(reference.path(), &["run", "exp.toml"]).status.success());
 
     let p = project(&slow);
-    let mut child = Command::new(cip_bin())
-        .args(["run", "exp.toml", "-q"])
-        .current_dir(p.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
     let cache = p.path().join(".cip/cache");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while journal_lines(&cache) < 4 {
-        assert!(Instant::now() < deadline, "journal never grew");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    run_and_kill_9(p.path(), 4, || journal_lines(&cache));
     let journaled = journal_lines(&cache);
     assert!(
         journaled >= 4 && journaled < 12,

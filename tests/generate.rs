@@ -231,10 +231,7 @@ fn unknown_scheduler_name_is_an_error() {
 
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-use common::{cip, cip_bin, entries, stderr, stdout, summary, tree};
+use common::{cip, entries, run_and_kill_9, stderr, stdout, summary, tree};
 
 fn experiment(images_per_prompt: usize) -> String {
     format!(
@@ -367,21 +364,8 @@ fn generate_kill_9_mid_node_then_rerun_is_byte_identical() {
     assert!(cip(reference.path(), &["run", "exp.toml"]).status.success());
 
     let p = project(&text);
-    let mut child = Command::new(cip_bin())
-        .args(["run", "exp.toml", "-q"])
-        .current_dir(p.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
     let cache = p.path().join(".cip/cache");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while journal_lines(&cache) < 3 {
-        assert!(Instant::now() < deadline, "journal never grew");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    run_and_kill_9(p.path(), 3, || journal_lines(&cache));
     let journaled = journal_lines(&cache);
     assert!(
         (3..24).contains(&journaled),

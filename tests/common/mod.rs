@@ -75,3 +75,24 @@ pub fn entries(cache: &Path, kind: &str) -> Vec<PathBuf> {
     v.sort();
     v
 }
+
+/// Starts `cip run exp.toml -q` in `dir`, waits until `journaled()` reports at least `at_least`
+/// items, then kills the process with SIGKILL: the crash the resume tests recover from.
+pub fn run_and_kill_9(dir: &Path, at_least: usize, journaled: impl Fn() -> usize) {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let mut child = Command::new(cip_bin())
+        .args(["run", "exp.toml", "-q"])
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while journaled() < at_least {
+        assert!(Instant::now() < deadline, "journal never grew");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}

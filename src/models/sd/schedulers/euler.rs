@@ -4,8 +4,8 @@
 use std::borrow::Cow;
 
 use super::schedules::{
-    check_len, euler_timesteps, karras_sigmas, np_interp_index, numpy_log_f32, sigma_input_scale,
-    sigma_to_t, NoiseSchedule,
+    check_len, euler_init_noise_sigma, euler_timesteps, karras_sigmas, np_interp_index,
+    numpy_log_f32, scale_by_sigma, sigma_input_scale, sigma_to_t, NoiseSchedule,
 };
 use super::{
     check_step_count, check_step_index, FinalSigmasType, PredictionType, Scheduler,
@@ -136,15 +136,7 @@ impl Scheduler for EulerDiscreteScheduler {
     }
 
     fn init_noise_sigma(&self) -> f32 {
-        let max_sigma = self
-            .sigmas
-            .iter()
-            .copied()
-            .fold(f32::NEG_INFINITY, f32::max);
-        match self.spacing {
-            TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
-            TimestepSpacing::Leading => sigma_input_scale(max_sigma),
-        }
+        euler_init_noise_sigma(&self.sigmas, self.spacing)
     }
 
     fn scale_model_input<'a>(
@@ -152,16 +144,8 @@ impl Scheduler for EulerDiscreteScheduler {
         sample: &'a [f32],
         step_index: usize,
     ) -> Result<Cow<'a, [f32]>, SchedulerError> {
-        let sigma = *self
-            .sigmas
-            .get(step_index)
-            .ok_or(SchedulerError::StepIndexOutOfRange {
-                kind: KIND,
-                index: step_index,
-                steps: self.timesteps.len(),
-            })?;
-        let scale = sigma_input_scale(sigma);
-        Ok(Cow::Owned(sample.iter().map(|&x| x / scale).collect()))
+        let steps = self.timesteps.len();
+        scale_by_sigma(KIND, &self.sigmas, steps, sample, step_index).map(Cow::Owned)
     }
 
     fn step(

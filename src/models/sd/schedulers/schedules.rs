@@ -2,7 +2,7 @@
 //! numpy call diffusers makes (dtype, order of operations, fused multiply-adds), because the
 //! schedulers are compared against diffusers to about 1e-6.
 
-use super::{BetaSchedule, SchedulerConfig, SchedulerError, TimestepSpacing};
+use super::{BetaSchedule, SchedulerConfig, SchedulerError, SchedulerKind, TimestepSpacing};
 
 /// `torch.linspace(start, end, steps, dtype=torch.float32)` on the CPU: the step is computed in
 /// f32, the first half counts up from `start`, the second half down from `end`, each value one
@@ -328,4 +328,33 @@ pub(crate) fn euler_timesteps(
                 .collect()
         }
     }
+}
+
+/// Euler-family `init_noise_sigma`: the largest sigma, scaled as a model input for "leading"
+/// spacing (diffusers' rule, shared by Euler and Euler ancestral).
+pub(crate) fn euler_init_noise_sigma(sigmas: &[f32], spacing: TimestepSpacing) -> f32 {
+    let max_sigma = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    match spacing {
+        TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
+        TimestepSpacing::Leading => sigma_input_scale(max_sigma),
+    }
+}
+
+/// Euler-family `scale_model_input`: divides the sample by sqrt(sigma^2 + 1) of this step.
+pub(crate) fn scale_by_sigma(
+    kind: SchedulerKind,
+    sigmas: &[f32],
+    steps: usize,
+    sample: &[f32],
+    step_index: usize,
+) -> Result<Vec<f32>, SchedulerError> {
+    let sigma = *sigmas
+        .get(step_index)
+        .ok_or(SchedulerError::StepIndexOutOfRange {
+            kind,
+            index: step_index,
+            steps,
+        })?;
+    let scale = sigma_input_scale(sigma);
+    Ok(sample.iter().map(|&x| x / scale).collect())
 }
