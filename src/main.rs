@@ -228,7 +228,9 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         }
         Command::Plan { file, cache, json } => {
             let exp = load(&file)?;
-            let plan = Plan::build(&exp)?;
+            // The whole DAG is shown even before data and models exist; what is missing is then
+            // reported as errors after it (exit 2), each with the command that provides it.
+            let (plan, problems) = Plan::build_all(&exp);
             let cache = Cache::open(cache_root(&cache, Some(&file)))?;
             let status = plan.status(&exp, &cache);
             if json {
@@ -242,7 +244,14 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             } else {
                 print!("{}", render_plan(&exp, &status));
             }
-            Ok(ExitCode::SUCCESS)
+            if problems.is_empty() {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                for p in &problems {
+                    eprintln!("error: {p}");
+                }
+                Ok(ExitCode::from(2))
+            }
         }
         Command::Status { cache } => {
             let cache = Cache::open(cache_root(&cache, None))?;
@@ -358,7 +367,7 @@ fn render_plan(exp: &Experiment, status: &[cip::plan::NodeStatus]) -> String {
     let count = |s: Status| status.iter().filter(|n| n.status == s).count();
     let uses: usize = exp.variants.iter().map(|v| v.nodes.len()).sum();
     let mut out = format!(
-        "{}: {} variant{}, {} nodes ({} unique): {} cached · {} to run · {} partial\n",
+        "{}: {} variant{}, {} nodes ({} unique): {} cached · {} to run · {} partial{}\n",
         exp.name,
         exp.variants.len(),
         if exp.variants.len() == 1 { "" } else { "s" },
@@ -366,7 +375,11 @@ fn render_plan(exp: &Experiment, status: &[cip::plan::NodeStatus]) -> String {
         status.len(),
         count(Status::Cached),
         count(Status::Runs),
-        count(Status::Partial)
+        count(Status::Partial),
+        match count(Status::Missing) {
+            0 => String::new(),
+            n => format!(" · {n} waiting for missing inputs"),
+        }
     );
     let width = status
         .iter()
@@ -385,18 +398,25 @@ fn render_plan(exp: &Experiment, status: &[cip::plan::NodeStatus]) -> String {
         let variants = if n.variants.len() == all && all > 1 {
             format!("all {all} variants")
         } else {
-            n.variants.join(" ")
+            collapse_variants(exp, &n.variants)
         };
-        let extra = match n.journal_records {
-            Some(r) => format!(" ({r} items journaled)"),
-            None => String::new(),
+        let extra = match (n.journal_records, n.missing.is_empty()) {
+            (Some(r), _) => format!(" ({r} items journaled)"),
+            (None, false) => format!(" (needs {})", n.missing.join(", ")),
+            (None, true) => String::new(),
+        };
+        // A key standing on a placeholder is not a real key yet.
+        let key = if n.missing.is_empty() {
+            &n.key[..12]
+        } else {
+            "-"
         };
         out.push_str(&format!(
-            "  {:<7}  {:<kwidth$}  {:<width$}  {}  {}{}\n",
+            "  {:<7}  {:<kwidth$}  {:<width$}  {:<12}  {}{}\n",
             n.status.to_string(),
             n.kind,
             n.name,
-            &n.key[..12],
+            key,
             variants,
             extra
         ));
@@ -405,6 +425,55 @@ fn render_plan(exp: &Experiment, status: &[cip::plan::NodeStatus]) -> String {
         }
     }
     out
+}
+
+/// `prompt=cip,guidance=*` for a node shared by every guidance value of the CiP rows: an axis
+/// whose every value appears (with the other labels fixed) becomes `*`.
+fn collapse_variants(exp: &Experiment, ids: &[String]) -> String {
+    let mut rows: Vec<Vec<String>> = exp
+        .variants
+        .iter()
+        .filter(|v| ids.contains(&v.id()))
+        .map(|v| v.labels.iter().map(|(_, l)| l.clone()).collect())
+        .collect();
+    for (ai, axis) in exp.axes.iter().enumerate() {
+        let mut groups: Vec<(Vec<String>, Vec<String>)> = Vec::new();
+        for r in &rows {
+            let mut rest = r.clone();
+            let value = std::mem::take(&mut rest[ai]);
+            match groups.iter_mut().find(|(k, _)| *k == rest) {
+                Some((_, vals)) => vals.push(value),
+                None => groups.push((rest, vec![value])),
+            }
+        }
+        let mut next = Vec::new();
+        for (rest, vals) in groups {
+            let full = axis.values.iter().all(|v| vals.contains(&v.label));
+            if full && axis.values.len() > 1 {
+                let mut r = rest;
+                r[ai] = "*".to_string();
+                next.push(r);
+            } else {
+                for v in vals {
+                    let mut r = rest.clone();
+                    r[ai] = v;
+                    next.push(r);
+                }
+            }
+        }
+        rows = next;
+    }
+    rows.iter()
+        .map(|r| {
+            exp.axes
+                .iter()
+                .zip(r)
+                .map(|(a, l)| format!("{}={l}", a.name))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn render_entry(e: &cip::cache::EntrySummary) -> String {

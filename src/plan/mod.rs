@@ -49,6 +49,10 @@ pub struct PlannedNode {
     pub models: BTreeMap<String, crate::nodes::ModelInput>,
     /// (variant index, node name) pairs that resolve to this node.
     pub uses: Vec<(usize, String)>,
+    /// Missing datasets, models or files this node needs, directly or upstream (e.g.
+    /// `dataset imagenette.train`). Non-empty only in a plan built with [`Plan::build_all`]; the
+    /// key is then provisional, since it stands on a placeholder for the missing content.
+    pub missing: Vec<String>,
 }
 
 impl PlannedNode {
@@ -73,9 +77,25 @@ impl Plan {
     /// Keys every node of every variant. Missing datasets or models are collected and reported
     /// together, each with the command that provides it.
     pub fn build(exp: &Experiment) -> Result<Plan, PlanError> {
+        let (plan, problems) = Plan::build_all(exp);
+        if problems.is_empty() {
+            Ok(plan)
+        } else {
+            Err(PlanError::MissingInputs(problems))
+        }
+    }
+
+    /// Plans every node even when inputs are missing, so `cip plan` can show the whole DAG of an
+    /// experiment before its data and models exist. Nodes standing on a missing input carry it in
+    /// `missing`; the problems come back as messages naming the command that provides each input.
+    pub fn build_all(exp: &Experiment) -> (Plan, Vec<String>) {
         let mut problems = Vec::new();
         let mut split_fp: HashMap<(String, String), (String, PathBuf, Option<PathBuf>)> =
             HashMap::new();
+        // Inputs that are absent, by what a node refers to; their placeholder digests keep the
+        // keys computable (never cached: no entry can exist under a placeholder's key).
+        let mut missing_splits: HashMap<(String, String), String> = HashMap::new();
+        let mut missing_models: HashMap<String, String> = HashMap::new();
         for ds in exp.datasets.values() {
             let root = exp.resolve_path(&ds.root);
             let classes = ds.classes.as_ref().map(|c| exp.resolve_path(c));
@@ -87,7 +107,19 @@ impl Plan {
                             .insert((ds.name.clone(), split.clone()), (fp, dir, classes.clone()));
                     }
                     Err(e) if used_split(exp, &ds.name, split) => {
-                        let hint = ds.prepare.clone().map(|p| format!("run `{p}`")).unwrap_or_else(|| {
+                        missing_splits.insert(
+                            (ds.name.clone(), split.clone()),
+                            format!("dataset {}.{split}", ds.name),
+                        );
+                        split_fp.insert(
+                            (ds.name.clone(), split.clone()),
+                            (
+                                format!("missing:{}.{split}", ds.name),
+                                dir.clone(),
+                                classes.clone(),
+                            ),
+                        );
+                        let hint = ds.prepare.as_deref().map(prepare_hint).unwrap_or_else(|| {
                             format!("prepare it with `cip data` (see `cip data --help`) or fix `root` in [datasets.{}]", ds.name)
                         });
                         problems.push(format!(
@@ -115,7 +147,9 @@ impl Plan {
                     model_digest.insert(m.name.clone(), d);
                 }
                 Err(e) => {
-                    let hint = m.prepare.clone().map(|p| format!("run `{p}`")).unwrap_or_else(|| {
+                    missing_models.insert(m.name.clone(), format!("model {}", m.name));
+                    model_digest.insert(m.name.clone(), format!("missing:{}", m.name));
+                    let hint = m.prepare.as_deref().map(prepare_hint).unwrap_or_else(|| {
                         format!(
                             "export it with `python models/export.py {} --out {}` (see models/README.md)",
                             m.family,
@@ -132,9 +166,6 @@ impl Plan {
             }
         }
         let mut file_fp: HashMap<PathBuf, String> = HashMap::new();
-        if !problems.is_empty() {
-            return Err(PlanError::MissingInputs(problems));
-        }
 
         let mut nodes: Vec<PlannedNode> = Vec::new();
         let mut by_key: HashMap<String, usize> = HashMap::new();
@@ -144,17 +175,24 @@ impl Plan {
             for spec in &variant.nodes {
                 let mut inputs_keys: BTreeMap<String, Vec<String>> = BTreeMap::new();
                 let mut inputs: BTreeMap<String, Vec<PlannedInput>> = BTreeMap::new();
+                let mut missing: Vec<String> = Vec::new();
                 for (slot, refs) in &spec.inputs {
                     for r in refs {
                         let (text, input) = match r {
                             Ref::Node(n) => {
                                 let i = names[n];
+                                missing.extend(nodes[i].missing.iter().cloned());
                                 (
                                     format!("node:{}:{}", nodes[i].kind.name(), nodes[i].key),
                                     PlannedInput::Node(i),
                                 )
                             }
                             Ref::Split { dataset, split } => {
+                                if let Some(m) =
+                                    missing_splits.get(&(dataset.clone(), split.clone()))
+                                {
+                                    missing.push(m.clone());
+                                }
                                 let (fp, dir, classes) =
                                     split_fp[&(dataset.clone(), split.clone())].clone();
                                 (
@@ -176,6 +214,9 @@ impl Plan {
                 let mut model_keys = BTreeMap::new();
                 for (slot, m) in &spec.models {
                     let ms = &exp.models[m];
+                    if let Some(x) = missing_models.get(m) {
+                        missing.push(x.clone());
+                    }
                     model_keys.insert(slot.clone(), model_digest[m].clone());
                     models.insert(
                         slot.clone(),
@@ -198,6 +239,7 @@ impl Plan {
                                     d
                                 }
                                 Err(e) => {
+                                    missing.push(format!("file {}", full.display()));
                                     problems.push(format!(
                                         "{}: node `{}`: parameter `{p}` names {}: {e}\n  help: fix the path (relative paths resolve against the experiment file's folder)",
                                         exp.file.display(),
@@ -228,6 +270,8 @@ impl Plan {
                     seed: spec.kind.seeded().then_some(exp.seed),
                 };
                 let key = fields.key();
+                missing.sort();
+                missing.dedup();
                 let index = match by_key.get(&key) {
                     Some(&i) => i,
                     None => {
@@ -239,6 +283,7 @@ impl Plan {
                             inputs,
                             models,
                             uses: Vec::new(),
+                            missing,
                         });
                         by_key.insert(key, nodes.len() - 1);
                         nodes.len() - 1
@@ -249,9 +294,9 @@ impl Plan {
             }
             variant_nodes.push(names);
         }
-        if !problems.is_empty() {
-            return Err(PlanError::MissingInputs(problems));
-        }
+        // A missing file named by a parameter is reported once, not once per variant.
+        let mut seen = std::collections::HashSet::new();
+        problems.retain(|p| seen.insert(p.clone()));
         // Nodes were appended after their inputs within each variant, so index order is a
         // topological order; the graph is kept for traversal (descendants of a failure, --only).
         let mut graph = DiGraph::new();
@@ -265,11 +310,14 @@ impl Plan {
                 }
             }
         }
-        Ok(Plan {
-            nodes,
-            graph,
-            variant_nodes,
-        })
+        (
+            Plan {
+                nodes,
+                graph,
+                variant_nodes,
+            },
+            problems,
+        )
     }
 
     /// The node and everything upstream of it.
@@ -325,6 +373,7 @@ impl Plan {
             .map(|n| {
                 let state = cache.state(n.kind.name(), &n.key);
                 let (status, journal_records) = match state {
+                    _ if !n.missing.is_empty() => (Status::Missing, None),
                     EntryState::Cached => (Status::Cached, None),
                     EntryState::Partial { journal_records } => {
                         (Status::Partial, Some(journal_records))
@@ -359,6 +408,7 @@ impl Plan {
                         .into_iter()
                         .collect(),
                     changed,
+                    missing: n.missing.clone(),
                 }
             })
             .collect()
@@ -385,6 +435,16 @@ pub fn scope(exp: &Experiment, variant: usize) -> String {
     format!("{}/{}", exp.name, exp.variants[variant].id())
 }
 
+/// `prepare` is a command to run, or, starting with `see `, a pointer to instructions (for data
+/// no command can fetch, such as the OOD test sets).
+fn prepare_hint(prepare: &str) -> String {
+    if prepare.starts_with("see ") {
+        prepare.to_string()
+    } else {
+        format!("run `{prepare}`")
+    }
+}
+
 fn used_split(exp: &Experiment, dataset: &str, split: &str) -> bool {
     exp.variants.iter().any(|v| {
         v.nodes.iter().any(|n| {
@@ -401,6 +461,8 @@ pub enum Status {
     Cached,
     Runs,
     Partial,
+    /// Waits for a dataset, model or file that does not exist yet.
+    Missing,
 }
 
 impl std::fmt::Display for Status {
@@ -409,6 +471,7 @@ impl std::fmt::Display for Status {
             Status::Cached => "cached",
             Status::Runs => "runs",
             Status::Partial => "partial",
+            Status::Missing => "missing",
         })
     }
 }
@@ -424,4 +487,6 @@ pub struct NodeStatus {
     pub journal_records: Option<u64>,
     pub variants: Vec<String>,
     pub changed: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<String>,
 }
