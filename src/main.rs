@@ -211,10 +211,9 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 && opts.only.is_none()
                 && opts.variant.is_none()
             {
-                let table = cip::report::build(&exp, &plan, &cache)?;
                 let dir = results.unwrap_or_else(|| PathBuf::from("results").join(&exp.name));
-                let (csv, md) = table.write(&dir, &exp.name)?;
-                tracing::info!("wrote {} and {}", csv.display(), md.display());
+                let written = cip::report::write_all(&exp, &plan, &cache, &dir)?;
+                tracing::info!("wrote {}", written.report_md.display());
             }
             for (node, error) in &report.failures {
                 eprintln!("error: node `{node}` failed: {error}");
@@ -315,10 +314,16 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             let exp = load(&file)?;
             let plan = Plan::build(&exp)?;
             let cache = Cache::open(cache_root(&cache, Some(&file)))?;
-            let table = cip::report::build(&exp, &plan, &cache)?;
             let dir = results.unwrap_or_else(|| PathBuf::from("results").join(&exp.name));
-            let (csv, md) = table.write(&dir, &exp.name)?;
-            println!("{}\n{}", csv.display(), md.display());
+            let w = cip::report::write_all(&exp, &plan, &cache, &dir)?;
+            for path in [&w.table_csv, &w.table_md]
+                .into_iter()
+                .chain(&w.plots)
+                .chain(&w.grids)
+                .chain([&w.report_md])
+            {
+                println!("{}", path.display());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Generate(args) => {

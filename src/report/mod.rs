@@ -1,9 +1,17 @@
-//! Result tables: rows are variants (their sweep values), columns the test sets of the report's
-//! eval nodes, plus an optional reference column with numbers the experiment file gives.
+//! The report of an experiment, in `results/<experiment>/`:
+//! - `table.csv` / `table.md`: rows are variants (their sweep values), columns the test sets of the
+//!   report's eval nodes, plus an optional reference column with numbers the experiment file gives;
+//! - `plot-<set>-<metric>.png`: the first metric against guidance per prompt strategy (plot.rs);
+//! - `grid-<node>-<variant>.png`: samples of each generated set that feeds the table (grid.rs);
+//! - `report.md` linking them.
 //!
 //! Variants whose report nodes resolve to the same keys are the same experiment (e.g. "real data"
 //! crossed with every guidance value): they collapse into one row, with `*` for the axes that do
 //! not matter to it.
+
+mod draw;
+pub mod grid;
+pub mod plot;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,6 +41,10 @@ pub enum ReportError {
 pub struct Table {
     pub columns: Vec<String>,
     pub rows: Vec<Vec<String>>,
+    /// The first `axes` columns are sweep axes.
+    pub axes: usize,
+    /// (eval node, test set, metric) of each metric column, in column order after the axes.
+    pub metric_columns: Vec<(String, String, String)>,
 }
 
 /// Reads the finished metrics of the report's eval nodes and lays them out.
@@ -147,7 +159,126 @@ pub fn build(exp: &Experiment, plan: &Plan, cache: &Cache) -> Result<Table, Repo
         }
         rows.push(row);
     }
-    Ok(Table { columns, rows })
+    Ok(Table {
+        columns,
+        rows,
+        axes: axes.len(),
+        metric_columns: metric_cols,
+    })
+}
+
+/// Every file a report wrote.
+#[derive(Debug, Default)]
+pub struct Written {
+    pub table_csv: PathBuf,
+    pub table_md: PathBuf,
+    pub plots: Vec<PathBuf>,
+    pub grids: Vec<PathBuf>,
+    pub report_md: PathBuf,
+}
+
+/// Writes the table, plots, grids and `report.md` into `dir`.
+pub fn write_all(
+    exp: &Experiment,
+    plan: &Plan,
+    cache: &Cache,
+    dir: &Path,
+) -> Result<Written, ReportError> {
+    let table = build(exp, plan, cache)?;
+    let (table_csv, table_md) = table.write(dir, &exp.name)?;
+    let mut written = Written {
+        table_csv,
+        table_md,
+        ..Default::default()
+    };
+    let mut md = format!("# {}\n\n", exp.name);
+    md.push_str(&format!("Experiment file: `{}`\n\n", exp.file.display()));
+    md.push_str("## Results\n\n");
+    md.push_str(
+        table
+            .markdown(&exp.name)
+            .split_once("\n\n")
+            .map_or("", |x| x.1),
+    );
+    md.push_str("\n[table.csv](table.csv)\n\n");
+
+    if let (Some(x), Some(first)) = (plot::x_axis(&table), exp.report.metrics.first()) {
+        md.push_str(&format!("## {first} against {}\n\n", table.columns[x]));
+        for (ci, (_, set, metric)) in table.metric_columns.iter().enumerate() {
+            if metric != first {
+                continue;
+            }
+            let col = table.axes + ci;
+            let name = format!("plot-{}-{}.png", file_part(set), file_part(metric));
+            let path = dir.join(&name);
+            let title = format!("{}: {} on {set}", exp.name, metric);
+            plot::write_plot(&table, x, col, &title, &path)?;
+            md.push_str(&format!("![{title}]({name})\n\n"));
+            written.plots.push(path);
+        }
+    }
+
+    let grids = generated_sets(exp, plan, cache);
+    if !grids.is_empty() {
+        md.push_str("## Samples\n\nRows are classes, columns the first images of each class, with their prompts.\n\n");
+    }
+    for (node, variant, entry_dir) in grids {
+        let name = format!("grid-{}-{}.png", file_part(&node), file_part(&variant));
+        let path = dir.join(&name);
+        let title = format!("{} · {node} · {variant}", exp.name);
+        grid::write_grid(&entry_dir, &title, &path)?;
+        md.push_str(&format!("### {node}, {variant}\n\n![{title}]({name})\n\n"));
+        written.grids.push(path);
+    }
+    let report_md = dir.join("report.md");
+    std::fs::write(&report_md, md).map_err(|source| ReportError::Io {
+        path: report_md.clone(),
+        source,
+    })?;
+    written.report_md = report_md;
+    Ok(written)
+}
+
+/// Finished generate entries upstream of the report's eval nodes: (node name, variant id, entry
+/// dir), one per entry, named after the first variant that uses it.
+fn generated_sets(exp: &Experiment, plan: &Plan, cache: &Cache) -> Vec<(String, String, PathBuf)> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for (vi, variant) in exp.variants.iter().enumerate() {
+        for e in &exp.report.eval {
+            let Some(&ei) = plan.variant_nodes[vi].get(e) else {
+                continue;
+            };
+            for ai in plan.ancestors(ei) {
+                let node = &plan.nodes[ai];
+                if node.kind.name() != "generate" || !seen.insert(ai) {
+                    continue;
+                }
+                if let Ok(Some(entry)) = cache.get(node.kind.name(), &node.key) {
+                    let name = node
+                        .uses
+                        .iter()
+                        .find(|(v, _)| *v == vi)
+                        .map(|(_, n)| n.clone())
+                        .unwrap_or_else(|| node.name().to_string());
+                    out.push((name, variant.id(), entry.dir.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A label as a file-name part: `prompt=cip,guidance=1.5` -> `prompt-cip_guidance-1.5`.
+fn file_part(label: &str) -> String {
+    label
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '.' | '-' | '_' => c,
+            '=' => '-',
+            _ => '_',
+        })
+        .collect()
 }
 
 impl Table {
