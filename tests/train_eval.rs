@@ -427,3 +427,141 @@ fn batch_size_larger_than_the_data_trains_one_batch_per_epoch() {
     let log = std::fs::read_to_string(entry.join("train_log.csv")).unwrap();
     assert_eq!(log.lines().count(), 2, "{log}");
 }
+
+// ---- membership inference ----
+
+/// Best balanced accuracy by brute force: every observed score as threshold, plus +inf.
+fn brute_force_attack(members: &[f64], nonmembers: &[f64]) -> f64 {
+    let mut best: f64 = 0.5;
+    for &t in members.iter().chain(nonmembers) {
+        let tpr = members.iter().filter(|&&s| s >= t).count() as f64 / members.len() as f64;
+        let tnr = nonmembers.iter().filter(|&&s| s < t).count() as f64 / nonmembers.len() as f64;
+        best = best.max(0.5 * (tpr + tnr));
+    }
+    best
+}
+
+#[test]
+fn membership_attack_scores_the_training_split_against_the_test_split() {
+    let p = toy_project(3, 3, 6);
+    let exp = experiment(3, 6).replace(
+        "test = [\"toy.val\"]\n",
+        "test = [\"toy.val\"]\nmembers = \"toy.train\"\n\n[report]\neval = [\"score\"]\nmetrics = [\"top1\"]\n",
+    );
+    std::fs::write(p.path().join("exp.toml"), exp).unwrap();
+    let out = cip_ort(p.path(), &["run", "exp.toml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cache = p.path().join(".cip/cache");
+    let eval = &entries(&cache, "eval")[0];
+    let metrics: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(eval.join("metrics.json")).unwrap()).unwrap();
+    let attack = &metrics["toy.val"]["membership"];
+    assert_eq!(attack["members"], "toy.train", "{metrics}");
+    assert_eq!(attack["n_members"], 18);
+    assert_eq!(attack["n_nonmembers"], 6);
+
+    // The member confidences, recomputed here through the library from the trained model.
+    let trained = &entries(&cache, "train")[0];
+    let mut classifier = Classifier::open(trained, single_thread()).unwrap();
+    let config = classifier.config.clone();
+    let classes: Vec<String> = std::fs::read_to_string(trained.join("classes.txt"))
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let split = cip::nodes::Artifact {
+        ty: cip::nodes::ArtifactType::Images,
+        dir: p.path().join("data/train"),
+        origin: "dataset toy.train".into(),
+        classes: None,
+    };
+    let images = cip::nodes::train::artifact_images(&split).unwrap();
+    let paths: Vec<&Path> = images.iter().map(|i| i.path.as_path()).collect();
+    let batch = cip::data::augment::eval_batch(
+        &paths,
+        config.image_size,
+        cip::data::augment::Interpolation::Bicubic,
+        config.mean,
+        config.std,
+    )
+    .unwrap();
+    let logits = classifier.forward(batch.view()).unwrap();
+    let expected_members: Vec<f64> = images
+        .iter()
+        .zip(logits.rows())
+        .map(|(image, row)| {
+            let truth = classes.iter().position(|c| *c == image.class).unwrap();
+            let max = row.iter().fold(f64::MIN, |m, &v| m.max(v as f64));
+            let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+            (row[truth] as f64 - max).exp() / sum
+        })
+        .collect();
+
+    let scores = std::fs::read_to_string(eval.join("membership_scores.csv")).unwrap();
+    let (mut members, mut nonmembers) = (Vec::new(), Vec::new());
+    for line in scores.lines().skip(1) {
+        let (role, value) = line.split_once(',').unwrap();
+        let value: f64 = value.parse().unwrap();
+        assert!((0.0..=1.0).contains(&value), "{line}");
+        match role {
+            "member" => members.push(value),
+            "nonmember" => nonmembers.push(value),
+            other => panic!("unknown role {other}"),
+        }
+    }
+    assert_eq!(members.len(), expected_members.len());
+    for (got, want) in members.iter().zip(&expected_members) {
+        assert!(
+            (got - want).abs() < 1e-5,
+            "member confidence {got} vs {want}"
+        );
+    }
+    assert_eq!(nonmembers.len(), 6);
+    let best = brute_force_attack(&members, &nonmembers);
+    let reported = attack["balanced_accuracy"].as_f64().unwrap();
+    assert!(
+        (reported - 100.0 * best).abs() < 1e-9,
+        "{reported} vs {}",
+        100.0 * best
+    );
+    // The reported threshold reaches that accuracy.
+    if let Some(t) = attack["threshold"].as_f64() {
+        let tpr = members.iter().filter(|&&s| s >= t).count() as f64 / 18.0;
+        let tnr = nonmembers.iter().filter(|&&s| s < t).count() as f64 / 6.0;
+        assert!(
+            (50.0 * (tpr + tnr) - reported).abs() < 1e-6,
+            "threshold {t}"
+        );
+    }
+    let summary_csv = std::fs::read_to_string(eval.join("membership.csv")).unwrap();
+    assert!(
+        summary_csv.starts_with("members,nonmembers,n_members,n_nonmembers,balanced_accuracy,threshold\ntoy.train,toy.val,18,6,"),
+        "{summary_csv}"
+    );
+
+    // The report gets the attack as a column next to top-1.
+    let table = std::fs::read_to_string(p.path().join("results/te/table.csv")).unwrap();
+    let mut lines = table.lines();
+    assert_eq!(lines.next(), Some("toy.val top1,toy.val membership"));
+    let row = lines.next().unwrap();
+    assert_eq!(row.split(',').nth(1).unwrap(), format!("{reported:.2}"));
+}
+
+#[test]
+fn membership_nonmembers_must_name_a_test_set() {
+    let p = toy_project(2, 1, 4);
+    let exp = experiment(1, 4).replace(
+        "test = [\"toy.val\"]\n",
+        "test = [\"toy.val\"]\nmembers = \"toy.train\"\nnonmembers = \"toy.vall\"\n",
+    );
+    std::fs::write(p.path().join("exp.toml"), exp).unwrap();
+    let out = cip_ort(p.path(), &["run", "exp.toml"]);
+    assert!(!out.status.success());
+    let text = stderr(&out);
+    let line = text
+        .lines()
+        .find(|l| l.contains("nonmembers"))
+        .unwrap_or_else(|| panic!("{text}"));
+    // From the node name on: the entry key before it changes with the fixture.
+    insta::assert_snapshot!(&line[line.find("node `score`").unwrap()..]);
+}
