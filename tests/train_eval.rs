@@ -565,3 +565,50 @@ fn membership_nonmembers_must_name_a_test_set() {
     // From the node name on: the entry key before it changes with the fixture.
     insta::assert_snapshot!(&line[line.find("node `score`").unwrap()..]);
 }
+
+// ---- real + synthetic mixing ----
+
+fn mixed_project(mix: &str) -> tempfile::TempDir {
+    let p = toy_project(3, 2, 6);
+    draw_split(&p.path().join("data"), "extra", 3, 2);
+    let exp = experiment(2, 6)
+        .replace(
+            "splits = [\"train\", \"val\"]",
+            "splits = [\"train\", \"val\", \"extra\"]",
+        )
+        .replace(
+            "data = [\"toy.train\"]\n",
+            &format!("data = [\"toy.train\", \"toy.extra\"]\nmix = {mix}\n"),
+        );
+    std::fs::write(p.path().join("exp.toml"), exp).unwrap();
+    p
+}
+
+#[test]
+fn mix_draws_each_source_by_its_fraction() {
+    // 18 train + 6 extra images: 24 samples per epoch, a quarter (6) from train, 18 from extra.
+    let p = mixed_project("{ \"toy.train\" = 0.25 }");
+    let out = cip_ort(p.path(), &["run", "exp.toml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let entry = &entries(&p.path().join(".cip/cache"), "train")[0];
+    let mix = std::fs::read_to_string(entry.join("mix.csv")).unwrap();
+    assert_eq!(
+        mix,
+        "source,images,samples_per_epoch\ntoy.train,18,6\ntoy.extra,6,18\n"
+    );
+    let log = std::fs::read_to_string(entry.join("train_log.csv")).unwrap();
+    assert_eq!(log.lines().count(), 3, "{log}");
+
+    // A different ratio is a different experiment (the key changes, the node reruns).
+    let other = mixed_project("{ \"toy.train\" = 0.75 }");
+    std::fs::rename(other.path().join("exp.toml"), p.path().join("exp.toml")).unwrap();
+    let rerun = cip_ort(p.path(), &["run", "exp.toml"]);
+    assert!(rerun.status.success(), "{}", stderr(&rerun));
+    assert_eq!(summary(&rerun), (2, 0, 0));
+}
+
+#[test]
+fn mix_must_name_a_data_source() {
+    let p = mixed_project("{ \"toy.val\" = 0.5 }");
+    insta::assert_snapshot!(failure(p.path()));
+}
