@@ -612,3 +612,49 @@ fn mix_must_name_a_data_source() {
     let p = mixed_project("{ \"toy.val\" = 0.5 }");
     insta::assert_snapshot!(failure(p.path()));
 }
+
+// ---- decode cache ----
+
+fn cached_project(decode_cache: Option<u32>) -> tempfile::TempDir {
+    let p = toy_project(3, 2, 6);
+    if let Some(side) = decode_cache {
+        let exp = experiment(2, 6).replace(
+            "batch_size = 6\n",
+            &format!("batch_size = 6\ndecode_cache = {side}\n"),
+        );
+        std::fs::write(p.path().join("exp.toml"), exp).unwrap();
+    }
+    p
+}
+
+fn train_only(p: &Path) -> Vec<(String, Vec<u8>)> {
+    let out = cip_ort(p, &["run", "exp.toml", "--only", "clf"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let entry = &entries(&p.join(".cip/cache"), "train")[0];
+    assert!(!entry.join("decode_cache").exists(), "the cache is scratch");
+    trained_files(p)
+}
+
+#[test]
+fn decode_cache_within_the_image_size_trains_exactly_as_decoding() {
+    // The toy images are 40x36: a bound of 36 or more stores them as decoded.
+    let plain = train_only(cached_project(None).path());
+    assert_eq!(train_only(cached_project(Some(36)).path()), plain);
+    // Shrinking (shorter side 36 -> 32) changes the crops' pixels: other weights, hence the key.
+    let shrunk = train_only(cached_project(Some(32)).path());
+    let weights = |files: &[(String, Vec<u8>)]| {
+        files
+            .iter()
+            .find(|f| f.0 == "model.onnx.data")
+            .unwrap()
+            .1
+            .clone()
+    };
+    assert_ne!(weights(&shrunk), weights(&plain));
+}
+
+#[test]
+fn decode_cache_below_the_training_size_is_an_error() {
+    let p = cached_project(Some(16));
+    insta::assert_snapshot!(failure(p.path()));
+}

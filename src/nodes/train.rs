@@ -68,6 +68,10 @@ pub struct TrainParams {
     /// Data reference (as written in `data`) -> fraction of each epoch's samples (mix.rs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mix: Option<BTreeMap<String, f64>>,
+    /// Decode each image once, shrunk to this shorter side, and train from the raw copy
+    /// (augment::DecodeCache). In the key: shrinking changes what the crops see.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_cache: Option<u32>,
 }
 
 fn default_batch_size() -> usize {
@@ -153,6 +157,7 @@ pub fn artifact_images(a: &Artifact) -> Result<Vec<LabelledImage>, NodeError> {
 
 const CHECKPOINT_DIR: &str = "checkpoint";
 const CHECKPOINT_FILE: &str = "state.safetensors";
+const DECODE_CACHE_DIR: &str = "decode_cache";
 const LOG_HEADER: &str = "epoch,loss,lr,images_per_sec\n";
 
 impl NodeKind for Train {
@@ -187,6 +192,7 @@ impl NodeKind for Train {
             "image_size",
             "interpolation",
             "mix",
+            "decode_cache",
         ]
     }
     fn seeded(&self) -> bool {
@@ -252,6 +258,19 @@ impl NodeKind for Train {
             }
         }
 
+        if let Some(side) = p.decode_cache {
+            if side < config.image_size {
+                return Err(NodeError::Failed(format!(
+                    "node `{}`: decode_cache = {side} is below the {}px training size; crops would be enlarged from a shrunk copy: use {} or more",
+                    ctx.node, config.image_size, config.image_size
+                )));
+            }
+        }
+        let decode_cache = p.decode_cache.map(|shorter_side| augment::DecodeCache {
+            dir: ctx.out.join(DECODE_CACHE_DIR),
+            shorter_side,
+            filter: p.interpolation,
+        });
         let mut images = Vec::new();
         let mut sources = Vec::new();
         for a in ctx.inputs.get("data").into_iter().flatten() {
@@ -369,17 +388,16 @@ impl NodeKind for Train {
                 if chunk.len() < config.min_train_batch {
                     continue;
                 }
-                let paths: Vec<&Path> = chunk
-                    .iter()
-                    .map(|&(i, _)| images[i].path.as_path())
-                    .collect();
-                let indices: Vec<u64> = chunk.iter().map(|&(_, id)| id).collect();
                 let labels: Vec<i64> = chunk
                     .iter()
                     .map(|&(i, _)| label_of[images[i].class.as_str()])
                     .collect();
+                let load = |i: usize| match &decode_cache {
+                    Some(cache) => cache.load(i, &images[i].path),
+                    None => augment::decode(&images[i].path),
+                };
                 let batch =
-                    augment::train_batch(&paths, &indices, &transform, ctx.seed, epoch.into())
+                    augment::train_batch_with(chunk, load, &transform, ctx.seed, epoch.into())
                         .map_err(|e| NodeError::Failed(e.to_string()))?;
                 let loss = classifier
                     .train_step(&mut state, batch.view(), &labels, scalars)
@@ -431,6 +449,11 @@ impl NodeKind for Train {
                 .map_err(|e| NodeError::Failed(e.to_string()))?;
         }
         std::fs::remove_dir_all(&checkpoint_dir).map_err(NodeError::io(&checkpoint_dir))?;
+        if let Some(cache) = &decode_cache {
+            if cache.dir.exists() {
+                std::fs::remove_dir_all(&cache.dir).map_err(NodeError::io(&cache.dir))?;
+            }
+        }
 
         let mut summary = RunSummary::default();
         summary.counts.insert("images".into(), images.len() as u64);
