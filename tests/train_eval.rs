@@ -658,3 +658,142 @@ fn decode_cache_below_the_training_size_is_an_error() {
     let p = cached_project(Some(16));
     insta::assert_snapshot!(failure(p.path()));
 }
+
+// ---- cip classify ----
+
+fn write_images(dir: &Path) -> Vec<PathBuf> {
+    (0..2)
+        .map(|i| {
+            let path = dir.join(format!("img{i}.png"));
+            image::RgbImage::from_fn(40 + 8 * i, 36, |x, y| {
+                image::Rgb([(x * 6) as u8, (y * 7 + i * 90) as u8, ((x + y) * 3) as u8])
+            })
+            .save(&path)
+            .unwrap();
+            path
+        })
+        .collect()
+}
+
+#[test]
+fn classify_prints_topk_of_an_exported_model() {
+    let dir = tempfile::tempdir().unwrap();
+    write_images(dir.path());
+    let model = fixtures().join("resnet-tiny");
+    let model = model.to_str().unwrap();
+    let out = cip_ort(
+        dir.path(),
+        &[
+            "classify", "--model", model, "--topk", "3", "img0.png", "img1.png",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    insta::assert_snapshot!(stdout(&out));
+
+    // The probabilities are the softmax of the model's own logits.
+    let args = cip::nodes::eval::classify::ClassifyArgs {
+        model: fixtures().join("resnet-tiny"),
+        topk: 10,
+        images: write_images(dir.path()),
+    };
+    let ranked = cip::nodes::eval::classify::classify_files(&args).unwrap();
+    let mut classifier =
+        Classifier::open(&fixtures().join("resnet-tiny"), single_thread()).unwrap();
+    let c = classifier.config.clone();
+    let paths: Vec<&Path> = args.images.iter().map(PathBuf::as_path).collect();
+    let batch = cip::data::augment::eval_batch(
+        &paths,
+        c.image_size,
+        cip::data::augment::Interpolation::Bicubic,
+        c.mean,
+        c.std,
+    )
+    .unwrap();
+    let logits = classifier.forward(batch.view()).unwrap();
+    for (top, row) in ranked.iter().zip(logits.rows()) {
+        assert_eq!(top.len(), 10);
+        let total: f32 = top.iter().map(|r| r.probability).sum();
+        assert!((total - 1.0).abs() < 1e-5, "{total}");
+        for pair in top.windows(2) {
+            assert!(pair[0].probability >= pair[1].probability);
+        }
+        let best = top[0]
+            .label
+            .trim_start_matches("output")
+            .parse::<usize>()
+            .unwrap();
+        let argmax = (0..row.len())
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]).then(b.cmp(&a)))
+            .unwrap();
+        assert_eq!(best, argmax);
+    }
+}
+
+#[test]
+fn classify_labels_a_trained_classifier_by_its_classes() {
+    let p = toy_project(3, 1, 6);
+    let out = cip_ort(p.path(), &["run", "exp.toml", "--only", "clf"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let entry = entries(&p.path().join(".cip/cache"), "train")[0].clone();
+    let image = p.path().join("data/val/n00000002/img0.png");
+    let out = cip_ort(
+        p.path(),
+        &[
+            "classify",
+            "--model",
+            entry.to_str().unwrap(),
+            "--topk",
+            "20",
+            image.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    // 10 outputs, 3 trained classes named by their ids, the rest by index.
+    assert_eq!(text.lines().count(), 11, "{text}");
+    for id in ["n00000001", "n00000002", "n00000003", "output3", "output9"] {
+        assert!(text.contains(&format!(" {id}  ")), "{id} missing:\n{text}");
+    }
+}
+
+#[test]
+fn classify_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("notes.png"), "not an image").unwrap();
+    write_images(dir.path());
+    let classifier = fixtures().join("resnet-tiny");
+    let other = fixtures().join("vit-gpt2-tiny");
+    let cases: [(&str, Vec<&str>); 3] = [
+        (
+            "not_an_image",
+            vec![
+                "--model",
+                classifier.to_str().unwrap(),
+                "img0.png",
+                "notes.png",
+            ],
+        ),
+        (
+            "wrong_family",
+            vec!["--model", other.to_str().unwrap(), "img0.png"],
+        ),
+        (
+            "topk_zero",
+            vec![
+                "--model",
+                classifier.to_str().unwrap(),
+                "--topk",
+                "0",
+                "img0.png",
+            ],
+        ),
+    ];
+    for (name, args) in cases {
+        let mut all = vec!["classify"];
+        all.extend(args);
+        let out = cip_ort(dir.path(), &all);
+        assert!(!out.status.success(), "{name} must fail");
+        let text = stderr(&out).replace(&fixtures().display().to_string(), "<fixtures>");
+        insta::assert_snapshot!(format!("classify_error_{name}"), text);
+    }
+}

@@ -9,6 +9,7 @@
 //! membership-inference attack (membership.rs) against the non-member set: the test set named by
 //! `nonmembers`, else the first one.
 
+pub mod classify;
 mod membership;
 
 use std::collections::{BTreeMap, HashMap};
