@@ -89,6 +89,8 @@ enum Command {
     Generate(cip::nodes::generate::cli::GenerateArgs),
     /// Caption image files with a blip2 or vit-gpt2 model directory.
     Caption(cip::nodes::caption::cli::CaptionArgs),
+    /// Top-k labels and probabilities of image files with a classifier model directory.
+    Classify(cip::nodes::eval::classify::ClassifyArgs),
     /// Exported model directories.
     #[command(subcommand)]
     Models(ModelsCommand),
@@ -328,6 +330,10 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         }
         Command::Generate(args) => {
             cip::nodes::generate::cli::run(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Classify(args) => {
+            cip::nodes::eval::classify::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Caption(args) => {

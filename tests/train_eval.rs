@@ -427,3 +427,373 @@ fn batch_size_larger_than_the_data_trains_one_batch_per_epoch() {
     let log = std::fs::read_to_string(entry.join("train_log.csv")).unwrap();
     assert_eq!(log.lines().count(), 2, "{log}");
 }
+
+// ---- membership inference ----
+
+/// Best balanced accuracy by brute force: every observed score as threshold, plus +inf.
+fn brute_force_attack(members: &[f64], nonmembers: &[f64]) -> f64 {
+    let mut best: f64 = 0.5;
+    for &t in members.iter().chain(nonmembers) {
+        let tpr = members.iter().filter(|&&s| s >= t).count() as f64 / members.len() as f64;
+        let tnr = nonmembers.iter().filter(|&&s| s < t).count() as f64 / nonmembers.len() as f64;
+        best = best.max(0.5 * (tpr + tnr));
+    }
+    best
+}
+
+#[test]
+fn membership_attack_scores_the_training_split_against_the_test_split() {
+    let p = toy_project(3, 3, 6);
+    let exp = experiment(3, 6).replace(
+        "test = [\"toy.val\"]\n",
+        "test = [\"toy.val\"]\nmembers = \"toy.train\"\n\n[report]\neval = [\"score\"]\nmetrics = [\"top1\"]\n",
+    );
+    std::fs::write(p.path().join("exp.toml"), exp).unwrap();
+    let out = cip_ort(p.path(), &["run", "exp.toml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cache = p.path().join(".cip/cache");
+    let eval = &entries(&cache, "eval")[0];
+    let metrics: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(eval.join("metrics.json")).unwrap()).unwrap();
+    let attack = &metrics["toy.val"]["membership"];
+    assert_eq!(attack["members"], "toy.train", "{metrics}");
+    assert_eq!(attack["n_members"], 18);
+    assert_eq!(attack["n_nonmembers"], 6);
+
+    // The member confidences, recomputed here through the library from the trained model.
+    let trained = &entries(&cache, "train")[0];
+    let mut classifier = Classifier::open(trained, single_thread()).unwrap();
+    let config = classifier.config.clone();
+    let classes: Vec<String> = std::fs::read_to_string(trained.join("classes.txt"))
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let split = cip::nodes::Artifact {
+        ty: cip::nodes::ArtifactType::Images,
+        dir: p.path().join("data/train"),
+        origin: "dataset toy.train".into(),
+        classes: None,
+    };
+    let images = cip::nodes::train::artifact_images(&split).unwrap();
+    let paths: Vec<&Path> = images.iter().map(|i| i.path.as_path()).collect();
+    let batch = cip::data::augment::eval_batch(
+        &paths,
+        config.image_size,
+        cip::data::augment::Interpolation::Bicubic,
+        config.mean,
+        config.std,
+    )
+    .unwrap();
+    let logits = classifier.forward(batch.view()).unwrap();
+    let expected_members: Vec<f64> = images
+        .iter()
+        .zip(logits.rows())
+        .map(|(image, row)| {
+            let truth = classes.iter().position(|c| *c == image.class).unwrap();
+            let max = row.iter().fold(f64::MIN, |m, &v| m.max(v as f64));
+            let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+            (row[truth] as f64 - max).exp() / sum
+        })
+        .collect();
+
+    let scores = std::fs::read_to_string(eval.join("membership_scores.csv")).unwrap();
+    let (mut members, mut nonmembers) = (Vec::new(), Vec::new());
+    for line in scores.lines().skip(1) {
+        let (role, value) = line.split_once(',').unwrap();
+        let value: f64 = value.parse().unwrap();
+        assert!((0.0..=1.0).contains(&value), "{line}");
+        match role {
+            "member" => members.push(value),
+            "nonmember" => nonmembers.push(value),
+            other => panic!("unknown role {other}"),
+        }
+    }
+    assert_eq!(members.len(), expected_members.len());
+    for (got, want) in members.iter().zip(&expected_members) {
+        assert!(
+            (got - want).abs() < 1e-5,
+            "member confidence {got} vs {want}"
+        );
+    }
+    assert_eq!(nonmembers.len(), 6);
+    let best = brute_force_attack(&members, &nonmembers);
+    let reported = attack["balanced_accuracy"].as_f64().unwrap();
+    assert!(
+        (reported - 100.0 * best).abs() < 1e-9,
+        "{reported} vs {}",
+        100.0 * best
+    );
+    // The reported threshold reaches that accuracy.
+    if let Some(t) = attack["threshold"].as_f64() {
+        let tpr = members.iter().filter(|&&s| s >= t).count() as f64 / 18.0;
+        let tnr = nonmembers.iter().filter(|&&s| s < t).count() as f64 / 6.0;
+        assert!(
+            (50.0 * (tpr + tnr) - reported).abs() < 1e-6,
+            "threshold {t}"
+        );
+    }
+    let summary_csv = std::fs::read_to_string(eval.join("membership.csv")).unwrap();
+    assert!(
+        summary_csv.starts_with("members,nonmembers,n_members,n_nonmembers,balanced_accuracy,threshold\ntoy.train,toy.val,18,6,"),
+        "{summary_csv}"
+    );
+
+    // The report gets the attack as a column next to top-1.
+    let table = std::fs::read_to_string(p.path().join("results/te/table.csv")).unwrap();
+    let mut lines = table.lines();
+    assert_eq!(lines.next(), Some("toy.val top1,toy.val membership"));
+    let row = lines.next().unwrap();
+    assert_eq!(row.split(',').nth(1).unwrap(), format!("{reported:.2}"));
+}
+
+#[test]
+fn membership_nonmembers_must_name_a_test_set() {
+    let p = toy_project(2, 1, 4);
+    let exp = experiment(1, 4).replace(
+        "test = [\"toy.val\"]\n",
+        "test = [\"toy.val\"]\nmembers = \"toy.train\"\nnonmembers = \"toy.vall\"\n",
+    );
+    std::fs::write(p.path().join("exp.toml"), exp).unwrap();
+    let out = cip_ort(p.path(), &["run", "exp.toml"]);
+    assert!(!out.status.success());
+    let text = stderr(&out);
+    let line = text
+        .lines()
+        .find(|l| l.contains("nonmembers"))
+        .unwrap_or_else(|| panic!("{text}"));
+    // From the node name on: the entry key before it changes with the fixture.
+    insta::assert_snapshot!(&line[line.find("node `score`").unwrap()..]);
+}
+
+// ---- real + synthetic mixing ----
+
+fn mixed_project(mix: &str) -> tempfile::TempDir {
+    let p = toy_project(3, 2, 6);
+    draw_split(&p.path().join("data"), "extra", 3, 2);
+    let exp = experiment(2, 6)
+        .replace(
+            "splits = [\"train\", \"val\"]",
+            "splits = [\"train\", \"val\", \"extra\"]",
+        )
+        .replace(
+            "data = [\"toy.train\"]\n",
+            &format!("data = [\"toy.train\", \"toy.extra\"]\nmix = {mix}\n"),
+        );
+    std::fs::write(p.path().join("exp.toml"), exp).unwrap();
+    p
+}
+
+#[test]
+fn mix_draws_each_source_by_its_fraction() {
+    // 18 train + 6 extra images: 24 samples per epoch, a quarter (6) from train, 18 from extra.
+    let p = mixed_project("{ \"toy.train\" = 0.25 }");
+    let out = cip_ort(p.path(), &["run", "exp.toml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let entry = &entries(&p.path().join(".cip/cache"), "train")[0];
+    let mix = std::fs::read_to_string(entry.join("mix.csv")).unwrap();
+    assert_eq!(
+        mix,
+        "source,images,samples_per_epoch\ntoy.train,18,6\ntoy.extra,6,18\n"
+    );
+    let log = std::fs::read_to_string(entry.join("train_log.csv")).unwrap();
+    assert_eq!(log.lines().count(), 3, "{log}");
+
+    // A different ratio is a different experiment (the key changes, the node reruns).
+    let other = mixed_project("{ \"toy.train\" = 0.75 }");
+    std::fs::rename(other.path().join("exp.toml"), p.path().join("exp.toml")).unwrap();
+    let rerun = cip_ort(p.path(), &["run", "exp.toml"]);
+    assert!(rerun.status.success(), "{}", stderr(&rerun));
+    assert_eq!(summary(&rerun), (2, 0, 0));
+}
+
+#[test]
+fn mix_must_name_a_data_source() {
+    let p = mixed_project("{ \"toy.val\" = 0.5 }");
+    insta::assert_snapshot!(failure(p.path()));
+}
+
+// ---- decode cache ----
+
+fn cached_project(decode_cache: Option<u32>) -> tempfile::TempDir {
+    let p = toy_project(3, 2, 6);
+    if let Some(side) = decode_cache {
+        let exp = experiment(2, 6).replace(
+            "batch_size = 6\n",
+            &format!("batch_size = 6\ndecode_cache = {side}\n"),
+        );
+        std::fs::write(p.path().join("exp.toml"), exp).unwrap();
+    }
+    p
+}
+
+fn train_only(p: &Path) -> Vec<(String, Vec<u8>)> {
+    let out = cip_ort(p, &["run", "exp.toml", "--only", "clf"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let entry = &entries(&p.join(".cip/cache"), "train")[0];
+    assert!(!entry.join("decode_cache").exists(), "the cache is scratch");
+    trained_files(p)
+}
+
+#[test]
+fn decode_cache_within_the_image_size_trains_exactly_as_decoding() {
+    // The toy images are 40x36: a bound of 36 or more stores them as decoded.
+    let plain = train_only(cached_project(None).path());
+    assert_eq!(train_only(cached_project(Some(36)).path()), plain);
+    // Shrinking (shorter side 36 -> 32) changes the crops' pixels: other weights, hence the key.
+    let shrunk = train_only(cached_project(Some(32)).path());
+    let weights = |files: &[(String, Vec<u8>)]| {
+        files
+            .iter()
+            .find(|f| f.0 == "model.onnx.data")
+            .unwrap()
+            .1
+            .clone()
+    };
+    assert_ne!(weights(&shrunk), weights(&plain));
+}
+
+#[test]
+fn decode_cache_below_the_training_size_is_an_error() {
+    let p = cached_project(Some(16));
+    insta::assert_snapshot!(failure(p.path()));
+}
+
+// ---- cip classify ----
+
+fn write_images(dir: &Path) -> Vec<PathBuf> {
+    (0..2)
+        .map(|i| {
+            let path = dir.join(format!("img{i}.png"));
+            image::RgbImage::from_fn(40 + 8 * i, 36, |x, y| {
+                image::Rgb([(x * 6) as u8, (y * 7 + i * 90) as u8, ((x + y) * 3) as u8])
+            })
+            .save(&path)
+            .unwrap();
+            path
+        })
+        .collect()
+}
+
+#[test]
+fn classify_prints_topk_of_an_exported_model() {
+    let dir = tempfile::tempdir().unwrap();
+    write_images(dir.path());
+    let model = fixtures().join("resnet-tiny");
+    let model = model.to_str().unwrap();
+    let out = cip_ort(
+        dir.path(),
+        &[
+            "classify", "--model", model, "--topk", "3", "img0.png", "img1.png",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    insta::assert_snapshot!(stdout(&out));
+
+    // The probabilities are the softmax of the model's own logits.
+    let args = cip::nodes::eval::classify::ClassifyArgs {
+        model: fixtures().join("resnet-tiny"),
+        topk: 10,
+        images: write_images(dir.path()),
+    };
+    let ranked = cip::nodes::eval::classify::classify_files(&args).unwrap();
+    let mut classifier =
+        Classifier::open(&fixtures().join("resnet-tiny"), single_thread()).unwrap();
+    let c = classifier.config.clone();
+    let paths: Vec<&Path> = args.images.iter().map(PathBuf::as_path).collect();
+    let batch = cip::data::augment::eval_batch(
+        &paths,
+        c.image_size,
+        cip::data::augment::Interpolation::Bicubic,
+        c.mean,
+        c.std,
+    )
+    .unwrap();
+    let logits = classifier.forward(batch.view()).unwrap();
+    for (top, row) in ranked.iter().zip(logits.rows()) {
+        assert_eq!(top.len(), 10);
+        let total: f32 = top.iter().map(|r| r.probability).sum();
+        assert!((total - 1.0).abs() < 1e-5, "{total}");
+        for pair in top.windows(2) {
+            assert!(pair[0].probability >= pair[1].probability);
+        }
+        let best = top[0]
+            .label
+            .trim_start_matches("output")
+            .parse::<usize>()
+            .unwrap();
+        let argmax = (0..row.len())
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]).then(b.cmp(&a)))
+            .unwrap();
+        assert_eq!(best, argmax);
+    }
+}
+
+#[test]
+fn classify_labels_a_trained_classifier_by_its_classes() {
+    let p = toy_project(3, 1, 6);
+    let out = cip_ort(p.path(), &["run", "exp.toml", "--only", "clf"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let entry = entries(&p.path().join(".cip/cache"), "train")[0].clone();
+    let image = p.path().join("data/val/n00000002/img0.png");
+    let out = cip_ort(
+        p.path(),
+        &[
+            "classify",
+            "--model",
+            entry.to_str().unwrap(),
+            "--topk",
+            "20",
+            image.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    // 10 outputs, 3 trained classes named by their ids, the rest by index.
+    assert_eq!(text.lines().count(), 11, "{text}");
+    for id in ["n00000001", "n00000002", "n00000003", "output3", "output9"] {
+        assert!(text.contains(&format!(" {id}  ")), "{id} missing:\n{text}");
+    }
+}
+
+#[test]
+fn classify_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("notes.png"), "not an image").unwrap();
+    write_images(dir.path());
+    let classifier = fixtures().join("resnet-tiny");
+    let other = fixtures().join("vit-gpt2-tiny");
+    let cases: [(&str, Vec<&str>); 3] = [
+        (
+            "not_an_image",
+            vec![
+                "--model",
+                classifier.to_str().unwrap(),
+                "img0.png",
+                "notes.png",
+            ],
+        ),
+        (
+            "wrong_family",
+            vec!["--model", other.to_str().unwrap(), "img0.png"],
+        ),
+        (
+            "topk_zero",
+            vec![
+                "--model",
+                classifier.to_str().unwrap(),
+                "--topk",
+                "0",
+                "img0.png",
+            ],
+        ),
+    ];
+    for (name, args) in cases {
+        let mut all = vec!["classify"];
+        all.extend(args);
+        let out = cip_ort(dir.path(), &all);
+        assert!(!out.status.success(), "{name} must fail");
+        let text = stderr(&out).replace(&fixtures().display().to_string(), "<fixtures>");
+        insta::assert_snapshot!(format!("classify_error_{name}"), text);
+    }
+}

@@ -25,6 +25,12 @@ pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 pub enum AugmentError {
     #[error("{path}: cannot decode image: {message}")]
     Decode { path: PathBuf, message: String },
+    #[error("decode cache {path}: {source}")]
+    Cache {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -153,11 +159,22 @@ pub fn train_batch(
     seed: u64,
     epoch: u64,
 ) -> Result<Array4<f32>, AugmentError> {
-    let items: Vec<Array3<f32>> = paths
+    let items: Vec<(usize, u64)> = indices.iter().enumerate().map(|(i, &id)| (i, id)).collect();
+    train_batch_with(&items, |i| decode(paths[i]), t, seed, epoch)
+}
+
+/// A training batch of `items` = (what `load` takes, augmentation id), loaded in parallel.
+pub fn train_batch_with(
+    items: &[(usize, u64)],
+    load: impl Fn(usize) -> Result<RgbImage, AugmentError> + Sync,
+    t: &TrainTransform,
+    seed: u64,
+    epoch: u64,
+) -> Result<Array4<f32>, AugmentError> {
+    let items: Vec<Array3<f32>> = items
         .par_iter()
-        .zip(indices.par_iter())
-        .map(|(path, &index)| {
-            let img = decode(path)?;
+        .map(|&(image, index)| {
+            let img = load(image)?;
             let mut rng = item_rng(seed, epoch, index);
             let mut out = Array3::<f32>::zeros((3, t.size as usize, t.size as usize));
             train_item(&img, t, &mut rng, out.view_mut());
@@ -165,6 +182,73 @@ pub fn train_batch(
         })
         .collect::<Result<_, AugmentError>>()?;
     Ok(stack(&items, t.size))
+}
+
+/// Decoded images kept as raw RGB files (`<id>.rgb`: u32 LE width, u32 LE height, pixels), each
+/// first shrunk so its shorter side is at most `shorter_side` (never enlarged). Shrinking changes
+/// the pixels RandomResizedCrop sees, so the bound is part of the train node's key; an image
+/// already within the bound is stored as decoded and trains exactly as without the cache.
+#[derive(Debug, Clone)]
+pub struct DecodeCache {
+    pub dir: PathBuf,
+    pub shorter_side: u32,
+    pub filter: Interpolation,
+}
+
+impl DecodeCache {
+    /// The image `id` (decoded from `path` on the first call, read back after).
+    pub fn load(&self, id: usize, path: &Path) -> Result<RgbImage, AugmentError> {
+        let file = self.dir.join(format!("{id}.rgb"));
+        let cache_error = |source| AugmentError::Cache {
+            path: file.clone(),
+            source,
+        };
+        if let Ok(bytes) = std::fs::read(&file) {
+            if let Some(img) = Self::parse(&bytes) {
+                return Ok(img);
+            }
+        }
+        let img = self.shrink(decode(path)?);
+        let mut bytes = Vec::with_capacity(8 + img.as_raw().len());
+        bytes.extend(img.width().to_le_bytes());
+        bytes.extend(img.height().to_le_bytes());
+        bytes.extend(img.as_raw());
+        std::fs::create_dir_all(&self.dir).map_err(cache_error)?;
+        // Temp + rename: a kill mid-write must not leave a truncated entry behind.
+        let tmp = self
+            .dir
+            .join(format!("{id}.rgb.{}.tmp", std::process::id()));
+        std::fs::write(&tmp, &bytes).map_err(cache_error)?;
+        std::fs::rename(&tmp, &file).map_err(cache_error)?;
+        Ok(img)
+    }
+
+    fn shrink(&self, img: RgbImage) -> RgbImage {
+        let (w, h) = img.dimensions();
+        let short = w.min(h);
+        if short <= self.shorter_side {
+            return img;
+        }
+        let scale = self.shorter_side as f64 / short as f64;
+        let (nw, nh) = if w <= h {
+            (
+                self.shorter_side,
+                ((h as f64 * scale).round() as u32).max(1),
+            )
+        } else {
+            (
+                ((w as f64 * scale).round() as u32).max(1),
+                self.shorter_side,
+            )
+        };
+        image::imageops::resize(&img, nw, nh, self.filter.filter())
+    }
+
+    fn parse(bytes: &[u8]) -> Option<RgbImage> {
+        let w = u32::from_le_bytes(bytes.get(0..4)?.try_into().ok()?);
+        let h = u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?);
+        RgbImage::from_raw(w, h, bytes.get(8..)?.to_vec())
+    }
 }
 
 /// Stacks [3, s, s] items into [n, 3, s, s].
@@ -252,6 +336,32 @@ mod tests {
             other != first || again != first,
             "epochs must draw different crops"
         );
+    }
+
+    #[test]
+    fn decode_cache_shrinks_once_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("big.png");
+        let img = RgbImage::from_fn(50, 30, |x, y| image::Rgb([x as u8 * 5, y as u8 * 8, 7]));
+        img.save(&source).unwrap();
+        let cache = DecodeCache {
+            dir: dir.path().join("cache"),
+            shorter_side: 12,
+            filter: Interpolation::Bicubic,
+        };
+        let first = cache.load(3, &source).unwrap();
+        assert_eq!(first.dimensions(), (20, 12));
+        // The second load reads the raw file, even with the source gone.
+        std::fs::remove_file(&source).unwrap();
+        assert_eq!(cache.load(3, &source).unwrap(), first);
+        // Within the bound: the decoded pixels, untouched.
+        img.save(&source).unwrap();
+        let wide = DecodeCache {
+            dir: dir.path().join("cache2"),
+            shorter_side: 30,
+            ..cache.clone()
+        };
+        assert_eq!(wide.load(0, &source).unwrap(), img);
     }
 
     #[test]

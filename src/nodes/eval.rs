@@ -4,6 +4,13 @@
 //! the classifier's `classes.txt`. Test classes the classifier never saw are not scored (counted
 //! as `skipped`). `mask` names a class file whose classes alone compete (e.g. an ImageNet-100
 //! subset evaluated with a 1000-way head).
+//!
+//! With a `members` input (the classifier's training split) the node also runs the
+//! membership-inference attack (membership.rs) against the non-member set: the test set named by
+//! `nonmembers`, else the first one.
+
+pub mod classify;
+mod membership;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -32,6 +39,9 @@ pub struct EvalParams {
     pub interpolation: Interpolation,
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
+    /// Test set (metrics.json name) used as non-members by the membership attack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonmembers: Option<String>,
 }
 
 fn default_batch_size() -> usize {
@@ -50,6 +60,12 @@ const INPUTS: &[InputSlot] = &[
         accepts: &[ArtifactType::Images],
         many: true,
         required: true,
+    },
+    InputSlot {
+        name: "members",
+        accepts: &[ArtifactType::Images],
+        many: false,
+        required: false,
     },
 ];
 
@@ -85,7 +101,13 @@ impl NodeKind for Eval {
         ArtifactType::Metrics
     }
     fn param_names(&self) -> &'static [&'static str] {
-        &["image_size", "mask", "interpolation", "batch_size"]
+        &[
+            "image_size",
+            "mask",
+            "interpolation",
+            "batch_size",
+            "nonmembers",
+        ]
     }
     fn speed_only(&self) -> &'static [&'static str] {
         &["batch_size"]
@@ -149,7 +171,25 @@ impl NodeKind for Eval {
         let mut per_class_rows: Vec<[String; 5]> = Vec::new();
         let mut confusion_rows: Vec<[String; 4]> = Vec::new();
         let mut total = 0u64;
-        for test in ctx.inputs.get("test").cloned().unwrap_or_default() {
+        let tests = ctx.inputs.get("test").cloned().unwrap_or_default();
+        let members = ctx.inputs.get("members").and_then(|m| m.first()).cloned();
+        let nonmember_set = match (&members, &p.nonmembers) {
+            (None, _) => None,
+            (Some(_), Some(wanted)) => Some(wanted.clone()),
+            (Some(_), None) => tests.first().map(|t| test_set_name(&t.origin)),
+        };
+        if let Some(wanted) = &nonmember_set {
+            let names: Vec<String> = tests.iter().map(|t| test_set_name(&t.origin)).collect();
+            if !names.contains(wanted) {
+                return Err(NodeError::Failed(format!(
+                    "node `{}`: nonmembers = \"{wanted}\" is none of the test sets ({}); name one of them",
+                    ctx.node,
+                    names.join(", ")
+                )));
+            }
+        }
+        let mut nonmember_scores = Vec::new();
+        for test in tests {
             let name = test_set_name(&test.origin);
             let images = artifact_images(&test)?;
             let (scored, skipped): (Vec<_>, Vec<_>) = images
@@ -172,6 +212,13 @@ impl NodeKind for Eval {
                     .map_err(|e| NodeError::Failed(format!("node `{}`: {e}", ctx.node)))?;
                 for (item, row) in chunk.iter().zip(logits.rows()) {
                     let truth = index_of[item.class.as_str()];
+                    if nonmember_set.as_ref() == Some(&name) {
+                        nonmember_scores.push(membership::true_label_confidence(
+                            row,
+                            truth,
+                            allowed.as_deref(),
+                        ));
+                    }
                     let mut ranked: Vec<usize> = (0..row.len())
                         .filter(|&i| allowed.as_ref().is_none_or(|a| a[i]))
                         .collect();
@@ -229,6 +276,33 @@ impl NodeKind for Eval {
                 ]);
             }
             total += n;
+        }
+        if let (Some(members), Some(set)) = (&members, &nonmember_set) {
+            let images = artifact_images(members)?;
+            let known: Vec<&super::train::LabelledImage> = images
+                .iter()
+                .filter(|i| index_of.contains_key(i.class.as_str()))
+                .collect();
+            let member_scores = membership::score_images(
+                &mut session,
+                dir.root(),
+                &config,
+                p.interpolation,
+                p.batch_size,
+                &known,
+                &index_of,
+                allowed.as_deref(),
+            )?;
+            let entry = membership::record(
+                ctx.out,
+                &test_set_name(&members.origin),
+                set,
+                &member_scores,
+                &nonmember_scores,
+            )?;
+            if let Some(serde_json::Value::Object(m)) = metrics.get_mut(set) {
+                m.insert("membership".into(), entry);
+            }
         }
         let metrics_path = ctx.out.join("metrics.json");
         let text = serde_json::to_string_pretty(&serde_json::Value::Object(metrics))

@@ -5,7 +5,7 @@
 //! so a killed run resumes from its last finished epoch. Epoch shuffles and augmentations are pure
 //! functions of (seed, epoch, item), so a resumed run produces the same weights as an unbroken one.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -24,6 +24,8 @@ use crate::models::classifier::{Classifier, StepScalars, TrainState};
 use crate::runtime::{FileEntry, SessionConfig, MANIFEST_FILE};
 
 pub struct Train;
+
+mod mix;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -63,6 +65,13 @@ pub struct TrainParams {
     pub image_size: Option<u32>,
     #[serde(default)]
     pub interpolation: Interpolation,
+    /// Data reference (as written in `data`) -> fraction of each epoch's samples (mix.rs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mix: Option<BTreeMap<String, f64>>,
+    /// Decode each image once, shrunk to this shorter side, and train from the raw copy
+    /// (augment::DecodeCache). In the key: shrinking changes what the crops see.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_cache: Option<u32>,
 }
 
 fn default_batch_size() -> usize {
@@ -148,6 +157,7 @@ pub fn artifact_images(a: &Artifact) -> Result<Vec<LabelledImage>, NodeError> {
 
 const CHECKPOINT_DIR: &str = "checkpoint";
 const CHECKPOINT_FILE: &str = "state.safetensors";
+const DECODE_CACHE_DIR: &str = "decode_cache";
 const LOG_HEADER: &str = "epoch,loss,lr,images_per_sec\n";
 
 impl NodeKind for Train {
@@ -181,6 +191,8 @@ impl NodeKind for Train {
             "warmup_epochs",
             "image_size",
             "interpolation",
+            "mix",
+            "decode_cache",
         ]
     }
     fn seeded(&self) -> bool {
@@ -204,6 +216,20 @@ impl NodeKind for Train {
         }
         if p.warmup_epochs >= p.epochs && p.schedule == Schedule::Cosine && p.warmup_epochs > 0 {
             return Err(bad("warmup_epochs", "must be smaller than epochs"));
+        }
+        if let Some(mix) = &p.mix {
+            for (source, f) in mix {
+                if !(0.0..=1.0).contains(f) {
+                    return Err(bad(
+                        "mix",
+                        &format!("`{source}` = {f}: a fraction must be within 0..=1"),
+                    ));
+                }
+            }
+            let sum: f64 = mix.values().sum();
+            if sum > 1.0 + 1e-9 {
+                return Err(bad("mix", &format!("fractions add up to {sum}; at most 1")));
+            }
         }
         Ok(value)
     }
@@ -232,10 +258,34 @@ impl NodeKind for Train {
             }
         }
 
-        let mut images = Vec::new();
-        for a in ctx.inputs.get("data").into_iter().flatten() {
-            images.extend(artifact_images(a)?);
+        if let Some(side) = p.decode_cache {
+            if side < config.image_size {
+                return Err(NodeError::Failed(format!(
+                    "node `{}`: decode_cache = {side} is below the {}px training size; crops would be enlarged from a shrunk copy: use {} or more",
+                    ctx.node, config.image_size, config.image_size
+                )));
+            }
         }
+        let decode_cache = p.decode_cache.map(|shorter_side| augment::DecodeCache {
+            dir: ctx.out.join(DECODE_CACHE_DIR),
+            shorter_side,
+            filter: p.interpolation,
+        });
+        let mut images = Vec::new();
+        let mut sources = Vec::new();
+        for a in ctx.inputs.get("data").into_iter().flatten() {
+            let start = images.len();
+            images.extend(artifact_images(a)?);
+            sources.push(mix::Source {
+                name: super::eval::test_set_name(&a.origin),
+                start,
+                len: images.len() - start,
+            });
+        }
+        let quotas = match &p.mix {
+            None => None,
+            Some(fractions) => Some(mix_quotas(ctx.node, &sources, fractions)?),
+        };
         let classes: Vec<String> = images
             .iter()
             .map(|i| i.class.clone())
@@ -311,6 +361,7 @@ impl NodeKind for Train {
             ..TrainTransform::new(config.image_size, config.mean, config.std)
         };
         let mut order: Vec<usize> = (0..images.len()).collect();
+        let mut samples: Vec<(usize, u64)> = Vec::new();
         let mut last_loss = f32::NAN;
         for epoch in first_epoch..p.epochs {
             let lr = epoch_lr(&p, epoch);
@@ -321,24 +372,32 @@ impl NodeKind for Train {
                 nesterov: p.nesterov,
                 label_smoothing: p.label_smoothing,
             };
-            let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed);
-            rng.set_stream(u64::from(epoch));
-            order.sort_unstable();
-            order.shuffle(&mut rng);
+            if let Some(quotas) = &quotas {
+                samples = mix::epoch_samples(&sources, quotas, ctx.seed, epoch);
+            } else {
+                let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed);
+                rng.set_stream(u64::from(epoch));
+                order.sort_unstable();
+                order.shuffle(&mut rng);
+                samples.clear();
+                samples.extend(order.iter().map(|&i| (i, i as u64)));
+            }
             let started = Instant::now();
             let (mut loss_sum, mut seen) = (0f64, 0usize);
-            for chunk in order.chunks(batch_size) {
+            for chunk in samples.chunks(batch_size) {
                 if chunk.len() < config.min_train_batch {
                     continue;
                 }
-                let paths: Vec<&Path> = chunk.iter().map(|&i| images[i].path.as_path()).collect();
-                let indices: Vec<u64> = chunk.iter().map(|&i| i as u64).collect();
                 let labels: Vec<i64> = chunk
                     .iter()
-                    .map(|&i| label_of[images[i].class.as_str()])
+                    .map(|&(i, _)| label_of[images[i].class.as_str()])
                     .collect();
+                let load = |i: usize| match &decode_cache {
+                    Some(cache) => cache.load(i, &images[i].path),
+                    None => augment::decode(&images[i].path),
+                };
                 let batch =
-                    augment::train_batch(&paths, &indices, &transform, ctx.seed, epoch.into())
+                    augment::train_batch_with(chunk, load, &transform, ctx.seed, epoch.into())
                         .map_err(|e| NodeError::Failed(e.to_string()))?;
                 let loss = classifier
                     .train_step(&mut state, batch.view(), &labels, scalars)
@@ -380,7 +439,21 @@ impl NodeKind for Train {
         std::fs::write(&log_path, format!("{LOG_HEADER}{log}"))
             .map_err(NodeError::io(&log_path))?;
         write_manifest(&classifier, ctx.out, classes.len())?;
+        if let Some(quotas) = &quotas {
+            let rows = sources
+                .iter()
+                .zip(quotas)
+                .map(|(s, q)| [s.name.clone(), s.len.to_string(), q.to_string()]);
+            let path = ctx.out.join("mix.csv");
+            crate::data::table::write_csv(&path, &["source", "images", "samples_per_epoch"], rows)
+                .map_err(|e| NodeError::Failed(e.to_string()))?;
+        }
         std::fs::remove_dir_all(&checkpoint_dir).map_err(NodeError::io(&checkpoint_dir))?;
+        if let Some(cache) = &decode_cache {
+            if cache.dir.exists() {
+                std::fs::remove_dir_all(&cache.dir).map_err(NodeError::io(&cache.dir))?;
+            }
+        }
 
         let mut summary = RunSummary::default();
         summary.counts.insert("images".into(), images.len() as u64);
@@ -391,6 +464,46 @@ impl NodeKind for Train {
         summary.extra = serde_json::json!({ "final_loss": last_loss });
         Ok(summary)
     }
+}
+
+/// Per-source samples per epoch for `mix`, after checking it names sources of `data`.
+fn mix_quotas(
+    node: &str,
+    sources: &[mix::Source],
+    fractions: &BTreeMap<String, f64>,
+) -> Result<Vec<usize>, NodeError> {
+    let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
+    for name in fractions.keys() {
+        if !names.contains(&name.as_str()) {
+            return Err(NodeError::Failed(format!(
+                "node `{node}`: mix names `{name}`, which is not in data ({}); use the references as written in data",
+                names.join(", ")
+            )));
+        }
+    }
+    for s in sources {
+        if s.len == 0 && fractions.get(&s.name).is_some_and(|f| *f > 0.0) {
+            return Err(NodeError::Failed(format!(
+                "node `{node}`: mix gives `{}` a fraction, but it has no images",
+                s.name
+            )));
+        }
+    }
+    let per_source: Vec<Option<f64>> = sources
+        .iter()
+        .map(|s| fractions.get(&s.name).copied())
+        .collect();
+    let sum: f64 = per_source.iter().flatten().sum();
+    let unnamed = sources
+        .iter()
+        .zip(&per_source)
+        .any(|(s, f)| f.is_none() && s.len > 0);
+    if !unnamed && (sum - 1.0).abs() > 1e-6 {
+        return Err(NodeError::Failed(format!(
+            "node `{node}`: mix fractions add up to {sum}, but no other source of data takes the rest; make them add up to 1"
+        )));
+    }
+    Ok(mix::quotas(sources, &per_source))
 }
 
 fn write_checkpoint(

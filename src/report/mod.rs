@@ -97,14 +97,30 @@ pub fn build(exp: &Experiment, plan: &Plan, cache: &Cache) -> Result<Table, Repo
                 message: "expected an object of test set -> metrics".into(),
             })?;
             for (set, metrics) in sets {
-                for m in &exp.report.metrics {
-                    if let Some(x) = metrics.get(m).and_then(|v| v.as_f64()) {
-                        let col = (e.clone(), set.clone(), m.clone());
-                        if !metric_cols.contains(&col) {
-                            metric_cols.push(col.clone());
-                        }
-                        cells.insert(col, x);
+                // The membership attack's balanced accuracy joins the table whenever the eval
+                // node ran it (metrics.json nests it under `membership`).
+                let attack = metrics
+                    .get("membership")
+                    .and_then(|m| m.get("balanced_accuracy"))
+                    .and_then(|v| v.as_f64())
+                    .map(|x| ("membership".to_string(), x));
+                let requested = exp
+                    .report
+                    .metrics
+                    .iter()
+                    .filter(|m| m.as_str() != "membership")
+                    .filter_map(|m| {
+                        metrics
+                            .get(m)
+                            .and_then(|v| v.as_f64())
+                            .map(|x| (m.clone(), x))
+                    });
+                for (m, x) in requested.chain(attack) {
+                    let col = (e.clone(), set.clone(), m);
+                    if !metric_cols.contains(&col) {
+                        metric_cols.push(col.clone());
                     }
+                    cells.insert(col, x);
                 }
             }
         }
