@@ -318,7 +318,7 @@ impl Driver {
                 if after.is_empty() {
                     String::new()
                 } else {
-                    format!("   (once {} are complete)", after.join(", "))
+                    format!("   (after {})", after.join(", "))
                 }
             );
             out.push_str(&job.text);
