@@ -47,7 +47,12 @@ fn cluster_unavailable() -> Option<String> {
 macro_rules! require_cluster {
     () => {
         if let Some(why) = cluster_unavailable() {
-            eprintln!("SKIPPED: slurm cluster not available: {why}");
+            // Written to the real stderr: the test harness captures `eprintln!` of passing tests.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: slurm cluster not available: {why}"
+            );
             return;
         }
     };
@@ -410,4 +415,85 @@ fn dry_run_prints_the_job_scripts() {
         .replace(&cip_bin().display().to_string(), "<cip>")
         .replace(&root.display().to_string(), "<project>");
     insta::assert_snapshot!("slurm_dry_run", text);
+}
+
+#[test]
+fn an_array_task_cancelled_mid_run_is_resubmitted_and_resumes() {
+    require_cluster!();
+    // A node name of its own, so the test finds its job by name among other tests' jobs.
+    let text = ITEMS
+        .replace("[nodes.captions]", "[nodes.cancelme]")
+        .replace("source = \"captions\"", "source = \"cancelme\"")
+        .replace("sleep_ms = 50", "sleep_ms = 400");
+    let reference = tempfile::tempdir().unwrap();
+    std::fs::write(reference.path().join("exp.toml"), &text).unwrap();
+    let local = cip_in(reference.path(), &["run", "exp.toml"]);
+    assert!(local.status.success(), "{}", stderr(&local));
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("exp.toml"), &text).unwrap();
+    let driver = command(
+        dir.path(),
+        &["run", "exp.toml", "--executor", "slurm", "--shards", "3"],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    // Wait until task 1 of the array runs and has journaled an item, then cancel it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let cancelled = loop {
+        assert!(std::time::Instant::now() < deadline, "task 1 never ran");
+        let queue = Command::new("squeue")
+            .args(["--me", "-h", "-r", "-n", "cip-cancelme", "-o", "%F_%K|%T"])
+            .output()
+            .unwrap();
+        let running = String::from_utf8_lossy(&queue.stdout)
+            .lines()
+            .find(|l| l.ends_with("_1|RUNNING"))
+            .map(|l| l.split('|').next().unwrap().to_string());
+        let journaled = tree(&dir.path().join(".cip/cache/test-items"))
+            .iter()
+            .any(|(p, b)| p.ends_with("items.shard-1-of-3.journal") && !b.is_empty());
+        if let (Some(task), true) = (running, journaled) {
+            let status = Command::new("scancel").arg(&task).status().unwrap();
+            assert!(status.success());
+            break task;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let out = driver.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cancelme shard 1 of 3 failed (attempt 1)"),
+        "cancelled {cancelled}: {}",
+        stderr(&out)
+    );
+    let cache = dir.path().join(".cip/cache");
+    let ref_cache = reference.path().join(".cip/cache");
+    for kind in ["test-items", "compose", "test-score"] {
+        let main_files = |cache: &Path| -> Vec<(String, Vec<u8>)> {
+            tree(&cache.join(kind))
+                .into_iter()
+                .filter(|(p, _)| p.ends_with(".csv") || p.ends_with("metrics.json"))
+                .collect()
+        };
+        assert_eq!(main_files(&cache), main_files(&ref_cache), "{kind}");
+    }
+    // The resubmitted task resumed from the cancelled one's journal: no item twice.
+    let journal = tree(&entries(&cache, "test-items")[0])
+        .into_iter()
+        .filter(|(p, _)| p.ends_with(".journal"))
+        .flat_map(|(_, b)| {
+            String::from_utf8(b)
+                .unwrap()
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect::<Vec<_>>();
+    let mut ids = journal.clone();
+    ids.sort();
+    ids.dedup();
+    assert_eq!((journal.len(), ids.len()), (12, 12));
 }

@@ -64,7 +64,8 @@ node_line=$(slurmd -C | head -1 | sed -E 's/RealMemory=[0-9]+/RealMemory=1024/')
 cat >"$CONF" <<CONF
 # Written by tests/slurm/start-cluster.sh: a one-node test cluster.
 ClusterName=cip-test
-SlurmctldHost=$host
+# Addresses given explicitly: the host name need not resolve (containers, fresh VMs).
+SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
 StateSaveLocation=$STATE/ctld
@@ -86,7 +87,7 @@ MpiDefault=none
 ReturnToService=2
 # Finished jobs leave the controller's memory soon (squeue stays small).
 MinJobAge=30
-$node_line State=UNKNOWN
+$node_line NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 CONF
 
