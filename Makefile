@@ -9,7 +9,7 @@ CARGO ?= cargo
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test test-rust test-python parity demo build fixtures bench-plan clean-cache
+.PHONY: setup test test-rust test-python parity demo build fixtures bench-plan clean-cache slurm-up slurm-down
 
 # The venv carries onnxruntime's shared library (cip finds it in .venv on its own) and the pinned
 # export/reference stack. The stamp makes reruns free until requirements change.
@@ -25,7 +25,16 @@ $(VENV)/.installed: models/requirements.txt
 build:
 	$(CARGO) build --release
 
-test: setup test-rust test-python
+test: setup slurm-up test-rust test-python
+
+# A one-node Slurm cluster for the slurm executor's tests (tests/slurm.rs). It needs root and the
+# Debian packages (installed when apt can reach a mirror); when it cannot start, make goes on and
+# those tests print "SKIPPED: slurm cluster not available: ...".
+slurm-up:
+	@tests/slurm/start-cluster.sh || echo "slurm-up: no Slurm cluster here; the slurm executor tests will be SKIPPED"
+
+slurm-down:
+	@tests/slurm/stop-cluster.sh
 
 # Rust tier: unit + integration tests on the committed fixtures. `test-kinds` adds the small
 # engine-test node kinds to the test build only.

@@ -59,6 +59,48 @@ enum Command {
         /// Threads per node (0: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// Devices for item nodes, e.g. cuda:0,cuda:1 or cpu,cpu: one worker each, pulling
+        /// shards [default: the experiment's [run] devices].
+        #[arg(long, value_delimiter = ',', value_name = "DEV,...")]
+        devices: Option<Vec<String>>,
+        /// Where nodes run: in this process, or as Slurm jobs on a shared cache.
+        #[arg(long, value_enum, default_value = "local")]
+        executor: Executor,
+        #[command(flatten)]
+        slurm: cip::exec::slurm::SlurmArgs,
+    },
+    /// Run one shard of one planned node against the cache (what Slurm array tasks run).
+    #[command(hide = true)]
+    Shard {
+        file: PathBuf,
+        #[arg(long, value_name = "NAME")]
+        node: String,
+        /// Variant id or index [default: the first].
+        #[arg(long, value_name = "K")]
+        variant: Option<String>,
+        /// This shard's index, 0 <= I < N.
+        #[arg(long, value_name = "I")]
+        index: u32,
+        /// Number of shards N (1 for nodes that are not item-parallel).
+        #[arg(long, value_name = "N")]
+        count: u32,
+        #[command(flatten)]
+        cache: CacheArg,
+        #[arg(long)]
+        provider: Option<String>,
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Merge the shards of a planned node and commit its entry.
+    #[command(hide = true)]
+    Finalize {
+        file: PathBuf,
+        #[arg(long, value_name = "NAME")]
+        node: String,
+        #[arg(long, value_name = "K")]
+        variant: Option<String>,
+        #[command(flatten)]
+        cache: CacheArg,
     },
     /// Show every node and variant: cached, runs or partial, and why a node reruns.
     Plan {
@@ -110,6 +152,12 @@ enum Command {
         #[command(subcommand)]
         cmd: cip::data::cli::DataCommand,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Executor {
+    Local,
+    Slurm,
 }
 
 #[derive(Subcommand)]
@@ -164,6 +212,8 @@ fn init_logging(verbose: u8, quiet: bool) {
         .with_writer(std::io::stderr)
         .with_target(false)
         .without_time()
+        // Slurm job logs and CI are files: no colour codes in them.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -195,6 +245,9 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             results,
             provider,
             threads,
+            devices,
+            executor,
+            slurm,
         } => {
             let exp = load(&file)?;
             let plan = Plan::build(&exp)?;
@@ -204,10 +257,20 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             let settings = RunSettings {
                 provider: provider.unwrap_or_else(|| exp.run.provider.clone()),
                 threads: threads.unwrap_or(exp.run.threads),
-                devices: exp.run.devices.clone(),
+                devices: devices.unwrap_or_else(|| exp.run.devices.clone()),
                 show_progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             };
-            let report = exec::run_local(&exp, &plan, &cache, &selected, &settings);
+            let report = match executor {
+                Executor::Local => exec::run_local(&exp, &plan, &cache, &selected, &settings),
+                Executor::Slurm => {
+                    let driver = exec::slurm::Driver::new(&slurm, &file, &cache, &settings)?;
+                    if slurm.dry_run {
+                        print!("{}", driver.dry_run(&plan, &cache, &selected));
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    driver.run(&exp, &plan, &cache, &selected)?
+                }
+            };
             if report.failed == 0
                 && !exp.report.eval.is_empty()
                 && opts.only.is_none()
@@ -226,6 +289,67 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        Command::Shard {
+            file,
+            node,
+            variant,
+            index,
+            count,
+            cache,
+            provider,
+            threads,
+        } => {
+            let exp = load(&file)?;
+            let plan = Plan::build(&exp)?;
+            let cache = Cache::open(cache_root(&cache, Some(&file)))?;
+            let i = exec::local::find_node(&exp, &plan, &node, variant.as_deref())?;
+            let spec = cip::cache::ShardSpec::new(index, count)
+                .ok_or_else(|| anyhow::anyhow!("--index {index} must be below --count {count}"))?;
+            let settings = RunSettings {
+                provider: provider.unwrap_or_else(|| exp.run.provider.clone()),
+                threads: threads.unwrap_or(exp.run.threads),
+                devices: Vec::new(),
+                show_progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            match exec::local::run_shard(&exp, &plan, &cache, i, spec, &settings)? {
+                exec::local::ShardOutcome::Done(marker) => {
+                    println!("{node} {spec}: done ({})", marker.display())
+                }
+                exec::local::ShardOutcome::AlreadyComplete => {
+                    println!("{node}: already complete")
+                }
+                exec::local::ShardOutcome::Committed => println!("{node}: done"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Finalize {
+            file,
+            node,
+            variant,
+            cache,
+        } => {
+            let exp = load(&file)?;
+            let plan = Plan::build(&exp)?;
+            let cache = Cache::open(cache_root(&cache, Some(&file)))?;
+            let i = exec::local::find_node(&exp, &plan, &node, variant.as_deref())?;
+            let settings = RunSettings {
+                provider: exp.run.provider.clone(),
+                threads: exp.run.threads,
+                devices: Vec::new(),
+                show_progress: false,
+            };
+            let cached = exec::local::finalize(&exp, &plan, &cache, i, &settings)?;
+            plan.remember(&exp, &cache, i);
+            println!(
+                "{node}: {}",
+                if cached {
+                    "already complete"
+                } else {
+                    "finalised"
+                }
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Plan { file, cache, json } => {
             let exp = load(&file)?;

@@ -88,6 +88,9 @@ pub struct Builder {
     pub(crate) final_dir: PathBuf,
     pub(crate) resumed: bool,
     pub(crate) lock: LockGuard,
+    /// Set for the builder of one shard ([`super::Cache::acquire_shard`]): it holds the shard's
+    /// lock, not the entry's, and cannot commit.
+    pub(crate) shard: Option<super::ShardSpec>,
 }
 
 impl fmt::Debug for Builder {
@@ -97,6 +100,7 @@ impl fmt::Debug for Builder {
             .field("key", &self.key)
             .field("partial", &self.partial)
             .field("resumed", &self.resumed)
+            .field("shard", &self.shard)
             .field("lock", &self.lock.path())
             .finish()
     }
@@ -140,6 +144,13 @@ impl Builder {
     /// Writes `meta.json`, makes every file durable, and renames the partial directory into the
     /// entry in one step; then releases the lock.
     pub fn commit(self, meta: EntryMeta) -> Result<Entry, CacheError> {
+        if let Some(spec) = self.shard {
+            return Err(CacheError::ShardCommit {
+                kind: self.kind.clone(),
+                key: self.key.clone(),
+                shard: spec.to_string(),
+            });
+        }
         if meta.kind != self.kind || meta.key != self.key {
             return Err(CacheError::MetaMismatch {
                 kind: self.kind.clone(),
@@ -164,6 +175,15 @@ impl Builder {
             .map_err(|e| CacheError::io("rename partial entry into place", &self.partial, e))?;
         if let Some(parent) = self.final_dir.parent() {
             fsync_dir(parent)?;
+        }
+        // Shard locks and markers served their purpose once the entry exists.
+        let shards =
+            self.final_dir
+                .with_file_name(format!("{}{}", self.key, super::shard::SHARDS_SUFFIX));
+        if let Err(e) = fs::remove_dir_all(&shards) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::debug!("could not remove {}: {e}", shards.display());
+            }
         }
         let entry = Entry {
             kind: self.kind.clone(),

@@ -90,6 +90,19 @@ pub enum CacheError {
         path: PathBuf,
         stale_after_secs: u64,
     },
+
+    #[error(
+        "the builder of {kind}/{key} {shard} cannot commit the entry: shards only journal; \
+         the finaliser (a builder of the whole entry) commits it"
+    )]
+    ShardCommit {
+        kind: String,
+        key: String,
+        shard: String,
+    },
+
+    #[error("the builder of {kind}/{key} builds the whole entry, not a shard")]
+    NotAShard { kind: String, key: String },
 }
 
 impl CacheError {

@@ -1,7 +1,8 @@
 //! Listing (`cip status`) and garbage collection (`cip gc`).
 //!
 //! Only names that cip creates are touched: `<key>/`, `<key>.partial/`, `<key>.lock` and the
-//! debris of interrupted operations (`*.lock.stale-*`, `*.lock.hb-*`, `<key>.gc-*`). Anything
+//! debris of interrupted operations (`*.lock.stale-*`, `*.lock.hb-*`, `<key>.gc-*`, and the
+//! `<key>.shards/` directory of shard locks and markers). Anything
 //! else found in the cache is left alone.
 
 use std::collections::{BTreeMap, HashSet};
@@ -94,7 +95,7 @@ fn classify(name: &str) -> Option<(String, Role)> {
     if let Some(key) = name.strip_suffix(LOCK_SUFFIX) {
         return is_key(key).then(|| (key.to_string(), Role::Lock));
     }
-    for marker in [".lock.stale-", ".lock.hb-", ".gc-"] {
+    for marker in [".lock.stale-", ".lock.hb-", ".gc-", ".shards"] {
         if let Some(at) = name.find(marker) {
             let key = &name[..at];
             return is_key(key).then(|| (key.to_string(), Role::Debris));

@@ -182,6 +182,18 @@ impl Journal {
     }
 }
 
+/// The valid records of a journal without opening it for writing: another process may be
+/// appending to it. A torn tail (an append in progress, or a crash) is left out; a missing file
+/// has no records.
+pub(crate) fn read_records(path: &Path) -> Result<Vec<Value>, CacheError> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(CacheError::io("read journal", path, e)),
+    };
+    Ok(parse(&bytes, path)?.0)
+}
+
 /// Number of complete lines in a journal file, without parsing: for `cip plan`.
 pub(crate) fn count_lines(path: &Path) -> u64 {
     let Ok(mut file) = File::open(path) else {

@@ -4,6 +4,7 @@
 //! - `<kind>/<key>/`: a complete entry, the node's outputs beside `meta.json`;
 //! - `<kind>/<key>.partial/`: an entry being built, with its item journals;
 //! - `<kind>/<key>.lock`: the lock of that entry (see [`lock`]);
+//! - `<kind>/<key>.shards/`: locks and completion markers of the entry's shards (see `shard`);
 //! - `names/`: per (scope, node name), the last key and its fields, so `cip plan` can say why a
 //!   node reruns.
 //!
@@ -19,6 +20,7 @@ mod error;
 mod gc;
 mod journal;
 pub mod lock;
+mod shard;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -32,6 +34,7 @@ pub use error::CacheError;
 pub use gc::{EntrySummary, GcItem, GcReport, GcWhat, SummaryStatus};
 pub use journal::Journal;
 pub use lock::{local_hostname, LockRecord, LockStatus, LockTiming, StaleReason};
+pub use shard::{shard_of, ShardAcquired, ShardSpec};
 
 use lock::{try_lock, unique_suffix, TryLock};
 
@@ -359,6 +362,8 @@ impl Cache {
             fs::remove_dir_all(&final_dir)
                 .map_err(|e| CacheError::io("remove incomplete entry", &final_dir, e))?;
         }
+        // Shards of this entry may still be journaling into its partial directory.
+        self.wait_for_shards(kind, key)?;
         let partial = self.partial_dir(kind, key);
         let resumed = match fs::create_dir(&partial) {
             Ok(()) => {
@@ -375,6 +380,7 @@ impl Cache {
             final_dir,
             resumed,
             lock: guard,
+            shard: None,
         }))
     }
 

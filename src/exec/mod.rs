@@ -6,6 +6,9 @@
 
 pub mod local;
 pub mod progress;
+pub mod shards;
+pub mod slurm;
 
 pub use local::{run_local, RunOptions, RunReport};
 pub use progress::Progress;
+pub use shards::{NodeProgress, ShardQueue};

@@ -304,20 +304,29 @@ impl NodeKind for Caption {
             .cloned()
             .ok_or_else(|| NodeError::MissingInput("model".into()))?;
         let items = list_images(&images.dir)?;
-        let mut journal = ctx.builder.journal("captions")?;
-        let done = journal.done();
-        let todo: Vec<&Item> = items.iter().filter(|i| !done.contains(&i.id)).collect();
-        let mut progress = crate::exec::Progress::new(
-            ctx.node,
-            items.len() as u64,
-            (items.len() - todo.len()) as u64,
-            ctx.settings.show_progress,
-        );
+        let done = ctx.builder.journal_done("captions")?;
+        let already = items.iter().filter(|i| done.contains(&i.id)).count();
+        let mut progress = ctx.progress(items.len() as u64, already as u64);
         let model_error = |e: CaptionModelError| NodeError::Failed(e.to_string());
         let options = params.options();
-        if !todo.is_empty() {
-            let mut captioner = Captioner::open(&model.family, &model.dir, &session_config(ctx)?)
-                .map_err(model_error)?;
+        // Opened on the first part with work: a finaliser after complete shards needs no model.
+        let mut captioner: Option<Captioner> = None;
+        ctx.for_each_part("captions", |journal_name, owns| {
+            let todo: Vec<&Item> = items
+                .iter()
+                .filter(|i| owns(&i.id) && !done.contains(&i.id))
+                .collect();
+            if todo.is_empty() {
+                return Ok(());
+            }
+            let mut journal = ctx.builder.journal(journal_name)?;
+            if captioner.is_none() {
+                captioner = Some(
+                    Captioner::open(&model.family, &model.dir, &session_config(ctx)?)
+                        .map_err(model_error)?,
+                );
+            }
+            let captioner = captioner.as_mut().expect("opened above");
             let settings = captioner.image_settings().clone();
             for chunk in todo.chunks(params.batch_size) {
                 let mut records = Vec::new();
@@ -358,10 +367,15 @@ impl NodeKind for Caption {
                 journal.append_batch(&records)?;
                 progress.advance(chunk.len() as u64);
             }
+            Ok(())
+        })?;
+        if ctx.is_shard_worker() {
+            return Ok(RunSummary::default());
         }
         let mut rows: Vec<[String; 4]> = Vec::new();
         let mut skipped = 0u64;
-        for r in journal.records() {
+        // All journals count: the node's own and those of its shards, whatever the split.
+        for r in &ctx.builder.journal_records("captions")? {
             let id = r["item"].as_str().unwrap_or_default().to_string();
             if r.get("skipped").is_some() {
                 skipped += 1;

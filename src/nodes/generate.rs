@@ -223,29 +223,6 @@ impl NodeKind for Generate {
             )));
         }
 
-        let provider: Provider = ctx
-            .settings
-            .provider
-            .parse()
-            .map_err(|e: crate::runtime::RuntimeError| NodeError::Failed(e.to_string()))?;
-        let session = SessionConfig {
-            intra_threads: (ctx.settings.threads > 0).then_some(ctx.settings.threads),
-            ..SessionConfig::with_provider(provider)
-        };
-        let mut pipeline = Pipeline::open(&model.dir, &session)
-            .map_err(|e| NodeError::Failed(format!("model `{}`: {e}", model.name)))?;
-        let (default_width, default_height) = pipeline.default_size();
-        let settings = Settings {
-            scheduler: p.scheduler,
-            steps: p.steps,
-            guidance: p.guidance as f32,
-            width: p.width.unwrap_or(default_width),
-            height: p.height.unwrap_or(default_height),
-        };
-        pipeline
-            .check_size(settings.width, settings.height)
-            .map_err(|e| NodeError::Failed(format!("node `{}`: {e}", ctx.node)))?;
-
         let mut jobs = Vec::new();
         for row in &table.rows {
             let item = &row[id_col];
@@ -278,58 +255,74 @@ impl NodeKind for Generate {
             )));
         }
 
-        remove_stale_temps(ctx.out, &jobs)?;
-        let mut journal = ctx.builder.journal("images")?;
-        let done = journal.done();
-        let todo: Vec<&Job> = jobs.iter().filter(|j| !done.contains(&j.id)).collect();
-        let mut progress = crate::exec::Progress::new(
-            ctx.node,
-            jobs.len() as u64,
-            (jobs.len() - todo.len()) as u64,
-            ctx.settings.show_progress,
-        );
-        let size = format!("{}x{}", settings.width, settings.height);
-        for batch in todo.chunks(p.batch_size) {
-            let requests: Vec<Request> = batch
+        let done = ctx.builder.journal_done("images")?;
+        let already = jobs.iter().filter(|j| done.contains(&j.id)).count();
+        let mut progress = ctx.progress(jobs.len() as u64, already as u64);
+        // The model opens only when there is something to generate: a finaliser whose shards
+        // did all the work needs no model (nor a GPU).
+        let mut ready: Option<(Pipeline, Settings, String)> = None;
+        ctx.for_each_part("images", |journal_name, owns| {
+            let todo: Vec<&Job> = jobs
                 .iter()
-                .map(|j| Request {
-                    prompt: j.prompt.clone(),
-                    // An empty negative prompt is diffusers' default "" either way.
-                    negative_prompt: Some(j.negative_prompt.clone()),
-                    seed: j.seed,
-                })
+                .filter(|j| owns(&j.id) && !done.contains(&j.id))
                 .collect();
-            let images = pipeline
-                .generate(&settings, &requests)
-                .map_err(|e| NodeError::Failed(format!("node `{}`: {e}", ctx.node)))?;
-            let mut records = Vec::with_capacity(batch.len());
-            for (job, image) in batch.iter().zip(&images) {
-                write_image(&ctx.out.join(&job.path), image, &p)?;
-                records.push(serde_json::json!({
-                    "item": job.id,
-                    "path": job.path,
-                    "class": job.class,
-                    "prompt": job.prompt,
-                    "negative_prompt": job.negative_prompt,
-                    "seed": job.seed.to_string(),
-                    "steps": settings.steps.to_string(),
-                    "scheduler": settings.scheduler.name(),
-                    "guidance": p.guidance.to_string(),
-                    "size": size,
-                }));
+            if todo.is_empty() {
+                return Ok(());
             }
-            let mut dirs: Vec<&str> = batch.iter().map(|j| j.class.as_str()).collect();
-            dirs.dedup();
-            for dir in dirs {
-                sync_dir(&ctx.out.join(dir))?;
+            // Only this part's temps: other shards may be writing theirs right now.
+            remove_stale_temps(ctx.out, &todo)?;
+            let mut journal = ctx.builder.journal(journal_name)?;
+            if ready.is_none() {
+                ready = Some(open_pipeline(ctx, &model, &p)?);
             }
-            journal.append_batch(&records)?;
-            progress.advance(records.len() as u64);
+            let (pipeline, settings, size) = ready.as_mut().expect("opened above");
+            for batch in todo.chunks(p.batch_size) {
+                let requests: Vec<Request> = batch
+                    .iter()
+                    .map(|j| Request {
+                        prompt: j.prompt.clone(),
+                        // An empty negative prompt is diffusers' default "" either way.
+                        negative_prompt: Some(j.negative_prompt.clone()),
+                        seed: j.seed,
+                    })
+                    .collect();
+                let images = pipeline
+                    .generate(settings, &requests)
+                    .map_err(|e| NodeError::Failed(format!("node `{}`: {e}", ctx.node)))?;
+                let mut records = Vec::with_capacity(batch.len());
+                for (job, image) in batch.iter().zip(&images) {
+                    write_image(&ctx.out.join(&job.path), image, &p)?;
+                    records.push(serde_json::json!({
+                        "item": job.id,
+                        "path": job.path,
+                        "class": job.class,
+                        "prompt": job.prompt,
+                        "negative_prompt": job.negative_prompt,
+                        "seed": job.seed.to_string(),
+                        "steps": settings.steps.to_string(),
+                        "scheduler": settings.scheduler.name(),
+                        "guidance": p.guidance.to_string(),
+                        "size": size,
+                    }));
+                }
+                let mut dirs: Vec<&str> = batch.iter().map(|j| j.class.as_str()).collect();
+                dirs.dedup();
+                for dir in dirs {
+                    sync_dir(&ctx.out.join(dir))?;
+                }
+                journal.append_batch(&records)?;
+                progress.advance(records.len() as u64);
+            }
+            Ok(())
+        })?;
+        if ctx.is_shard_worker() {
+            return Ok(RunSummary::default());
         }
 
         // The manifest comes from the journal alone, so a resumed run writes the same bytes.
         let mut rows: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for record in journal.records() {
+        // All journals count: the node's own and those of its shards, whatever the split.
+        for record in ctx.builder.journal_records("images")? {
             let field = |name: &str| record[name].as_str().unwrap_or_default().to_string();
             let mut row = vec![field("item")];
             row.extend(MANIFEST_COLUMNS[1..].iter().map(|c| field(c)));
@@ -350,8 +343,41 @@ impl NodeKind for Generate {
     }
 }
 
+/// Opens the pipeline on the run's device and fixes the image settings.
+fn open_pipeline(
+    ctx: &RunContext<'_>,
+    model: &super::ModelInput,
+    p: &GenerateParams,
+) -> Result<(Pipeline, Settings, String), NodeError> {
+    let provider: Provider = ctx
+        .settings
+        .provider
+        .parse()
+        .map_err(|e: crate::runtime::RuntimeError| NodeError::Failed(e.to_string()))?;
+    let session = SessionConfig {
+        intra_threads: (ctx.settings.threads > 0).then_some(ctx.settings.threads),
+        ..SessionConfig::with_provider(provider)
+    };
+    let pipeline = Pipeline::open(&model.dir, &session)
+        .map_err(|e| NodeError::Failed(format!("model `{}`: {e}", model.name)))?;
+    let (default_width, default_height) = pipeline.default_size();
+    let settings = Settings {
+        scheduler: p.scheduler,
+        steps: p.steps,
+        guidance: p.guidance as f32,
+        width: p.width.unwrap_or(default_width),
+        height: p.height.unwrap_or(default_height),
+    };
+    pipeline
+        .check_size(settings.width, settings.height)
+        .map_err(|e| NodeError::Failed(format!("node `{}`: {e}", ctx.node)))?;
+
+    let size = format!("{}x{}", settings.width, settings.height);
+    Ok((pipeline, settings, size))
+}
+
 /// A kill during an image write can leave its temp file; a resumed run rewrites that image.
-fn remove_stale_temps(out: &Path, jobs: &[Job]) -> Result<(), NodeError> {
+fn remove_stale_temps(out: &Path, jobs: &[&Job]) -> Result<(), NodeError> {
     for job in jobs {
         let temp = out.join(&job.path).with_extension("tmp");
         if temp.exists() {

@@ -120,9 +120,14 @@ pub struct RunContext<'a> {
     pub settings: &'a RunSettings,
     /// Relative paths in parameters resolve against the experiment file's directory.
     pub experiment_dir: &'a Path,
+    /// Set when this run is one worker on shards of the node (`cip shard`, several devices):
+    /// a journaled kind then processes only the items of the shards it pulls from the queue,
+    /// journals each into its shard journal, and writes no final output (the finaliser, an
+    /// ordinary run of the node, does that from the union of all journals).
+    pub shards: Option<&'a crate::exec::ShardQueue>,
 }
 
-impl RunContext<'_> {
+impl<'a> RunContext<'a> {
     pub fn input(&self, slot: &str) -> Result<&Artifact, NodeError> {
         self.inputs
             .get(slot)
@@ -136,6 +141,45 @@ impl RunContext<'_> {
             p.to_path_buf()
         } else {
             self.experiment_dir.join(p)
+        }
+    }
+
+    /// Whether this run is a shard worker (see `shards`): it must not write final outputs.
+    pub fn is_shard_worker(&self) -> bool {
+        self.shards.is_some()
+    }
+
+    /// The node's progress display: shared by all shard workers of a queue.
+    pub fn progress(&self, total: u64, already: u64) -> crate::exec::NodeProgress<'a> {
+        match self.shards {
+            Some(queue) => {
+                crate::exec::NodeProgress::Shared(queue.progress(self.node, total, already))
+            }
+            None => crate::exec::NodeProgress::Own(crate::exec::Progress::new(
+                self.node,
+                total,
+                already,
+                self.settings.show_progress,
+            )),
+        }
+    }
+
+    /// The parts of a journaled node's work: `work(journal name, owns)` is called once for an
+    /// ordinary run (journal `base`, every item), or once per shard pulled from the queue
+    /// (journal `<base>.shard-<i>-of-<n>`, only the items of that shard).
+    pub fn for_each_part(
+        &self,
+        base: &str,
+        mut work: impl FnMut(&str, &dyn Fn(&str) -> bool) -> Result<(), NodeError>,
+    ) -> Result<(), NodeError> {
+        match self.shards {
+            None => work(base, &|_| true),
+            Some(queue) => {
+                while let Some(spec) = queue.next() {
+                    work(&spec.journal_name(base), &|item| spec.owns(item))?;
+                }
+                Ok(())
+            }
         }
     }
 
@@ -220,7 +264,10 @@ pub trait NodeKind: Send + Sync {
     ) -> Result<(), ParamError> {
         Ok(())
     }
-    /// Item-parallel kinds journal per item and can be sharded.
+    /// Item-parallel kinds journal per item and can be sharded. Such a kind must honour
+    /// [`RunContext::for_each_part`] (only its shards' items, one journal per shard), take its
+    /// done set from all journals ([`Builder::journal_done`]) and, as a shard worker, write no
+    /// final output.
     fn journaled(&self) -> bool {
         false
     }

@@ -60,35 +60,43 @@ impl NodeKind for Items {
     }
     fn run(&self, ctx: &mut RunContext<'_>) -> Result<RunSummary, NodeError> {
         let p: ItemsParams = ctx.params()?;
-        let mut journal = ctx.builder.journal("items")?;
-        let done = journal.done();
-        let todo: Vec<u64> = (0..p.count)
-            .filter(|i| !done.contains(&item_id(*i)))
-            .collect();
-        let mut progress = crate::exec::Progress::new(
-            ctx.node,
+        let done = ctx.builder.journal_done("items")?;
+        let mut progress = ctx.progress(
             p.count,
-            p.count - todo.len() as u64,
-            ctx.settings.show_progress,
+            (0..p.count).filter(|i| done.contains(&item_id(*i))).count() as u64,
         );
-        for batch in todo.chunks(p.batch.max(1) as usize) {
-            let mut records = Vec::new();
-            for &i in batch {
-                if p.fail_at == Some(i) {
-                    return Err(NodeError::Failed(format!(
-                        "test-items: told to fail at item {i}"
-                    )));
-                }
-                std::thread::sleep(std::time::Duration::from_millis(p.sleep_ms));
-                records.push(
-                    serde_json::json!({"item": item_id(i), "caption": format!("{} {i}", p.tag)}),
-                );
+        ctx.for_each_part("items", |journal_name, owns| {
+            let todo: Vec<u64> = (0..p.count)
+                .filter(|i| owns(&item_id(*i)) && !done.contains(&item_id(*i)))
+                .collect();
+            if todo.is_empty() {
+                return Ok(());
             }
-            journal.append_batch(&records)?;
-            progress.advance(records.len() as u64);
+            let mut journal = ctx.builder.journal(journal_name)?;
+            for batch in todo.chunks(p.batch.max(1) as usize) {
+                let mut records = Vec::new();
+                for &i in batch {
+                    if p.fail_at == Some(i) {
+                        return Err(NodeError::Failed(format!(
+                            "test-items: told to fail at item {i}"
+                        )));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(p.sleep_ms));
+                    records.push(
+                        serde_json::json!({"item": item_id(i), "caption": format!("{} {i}", p.tag)}),
+                    );
+                }
+                journal.append_batch(&records)?;
+                progress.advance(records.len() as u64);
+            }
+            Ok(())
+        })?;
+        if ctx.is_shard_worker() {
+            return Ok(RunSummary::default());
         }
-        let mut rows: Vec<[String; 4]> = journal
-            .records()
+        let mut rows: Vec<[String; 4]> = ctx
+            .builder
+            .journal_records("items")?
             .iter()
             .map(|r| {
                 let id = r["item"].as_str().unwrap().to_string();
