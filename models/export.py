@@ -26,6 +26,7 @@ FAMILIES = {
     "blip2": ("blip2", "BLIP-2 captioner -> vision + decoder-with-past ONNX directory"),
     "vit-gpt2": ("vit_gpt2", "ViT-GPT2 captioner -> vision + decoder-with-past ONNX directory"),
     "classifier": ("classifier", "torchvision classifier -> inference and train-step ONNX graphs"),
+    "bench": ("bench", "full-width random-weight benchmark models and reference timings (cip bench)"),
 }
 
 

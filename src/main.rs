@@ -183,6 +183,75 @@ enum BenchCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// cip's SD pipeline vs diffusers on the full-size SD-1.5 architecture (random weights).
+    Generate {
+        /// Benchmark model cache (exported once, reused).
+        #[arg(long, default_value = ".cip/bench/sd15")]
+        dir: PathBuf,
+        /// Time this cip model directory instead of DIR/model (e.g. an optimised export).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, default_value_t = 4)]
+        steps: usize,
+        #[arg(long, default_value_t = 7.5)]
+        guidance: f32,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 128)]
+        size: usize,
+        #[command(flatten)]
+        common: BenchArgs,
+    },
+    /// cip's BLIP-2 captioner vs transformers' generate (OPT-2.7b widths, fewer layers).
+    Caption {
+        /// Benchmark model cache (exported once, reused).
+        #[arg(long, default_value = ".cip/bench/blip2")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// New tokens per caption (min and max, so both sides make exactly this many).
+        #[arg(long, default_value_t = 16)]
+        new_tokens: usize,
+        #[command(flatten)]
+        common: BenchArgs,
+    },
+}
+
+/// Options every model benchmark shares.
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Threads for both sides [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Python with the reference stack.
+    #[arg(long, default_value = ".venv/bin/python")]
+    python: PathBuf,
+    /// The export tool.
+    #[arg(long, default_value = "models/export.py")]
+    export_tool: PathBuf,
+    /// Write ONNX Runtime's operator profiles with this file prefix.
+    #[arg(long, value_name = "PREFIX")]
+    profile: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    fn python(&self) -> cip::bench::PythonTool {
+        cip::bench::PythonTool {
+            python: self.python.clone(),
+            export_script: self.export_tool.clone(),
+        }
+    }
+
+    fn threads(&self) -> usize {
+        self.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+    }
 }
 
 fn main() -> ExitCode {
@@ -489,6 +558,58 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 b.runs.iter().cloned().fold(f64::INFINITY, f64::min),
                 b.setup_secs
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Generate {
+            dir,
+            model,
+            steps,
+            guidance,
+            size,
+            common,
+        }) => {
+            let bench = cip::bench::generate::GenerateBench {
+                dir,
+                model,
+                prompt: "a photo of a dog running on the grass in the park".into(),
+                steps,
+                guidance,
+                size,
+                seed: 0,
+                threads: common.threads(),
+                repeats: common.repeats.max(1),
+                warmup: common.warmup,
+                profile: common.profile.clone(),
+            };
+            let result = cip::bench::generate::run(&bench, &common.python())?;
+            println!(
+                "SD-1.5 architecture (random weights), PNDM, {steps} steps, guidance {guidance}, {size}x{size}, batch 1, {} threads",
+                bench.threads
+            );
+            println!("{result}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Caption {
+            dir,
+            batch,
+            new_tokens,
+            common,
+        }) => {
+            let bench = cip::bench::caption::CaptionBench {
+                dir,
+                batch,
+                new_tokens,
+                threads: common.threads(),
+                repeats: common.repeats.max(1),
+                warmup: common.warmup,
+                profile: common.profile.clone(),
+            };
+            let result = cip::bench::caption::run(&bench, &common.python())?;
+            println!(
+                "BLIP-2 (OPT-2.7b widths, fewer layers, random weights), batch {batch}, greedy, {new_tokens} new tokens, {} threads",
+                bench.threads
+            );
+            println!("{result}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Data { cmd } => {

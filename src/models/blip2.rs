@@ -126,6 +126,23 @@ impl Blip2 {
         &self.tokenizer
     }
 
+    /// Ends ONNX Runtime profiling (sessions opened with `SessionConfig::profile`); returns the
+    /// profile files, one per graph.
+    pub fn end_profiling(&mut self) -> Result<Vec<std::path::PathBuf>, CaptionModelError> {
+        let mut files = Vec::new();
+        for (role, session) in [
+            ("vision", &mut self.vision),
+            ("embed", &mut self.embed),
+            ("decoder", &mut self.decoder),
+        ] {
+            let file = session
+                .end_profiling()
+                .map_err(graph_error(&self.name, role))?;
+            files.push(file.into());
+        }
+        Ok(files)
+    }
+
     pub fn special_tokens(&self) -> SpecialTokens {
         SpecialTokens {
             eos: self.config.eos_token_id.clone(),

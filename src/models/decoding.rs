@@ -476,13 +476,41 @@ pub(crate) fn expansion(rows: usize, times: usize) -> Vec<usize> {
         .collect()
 }
 
+/// One self-attention cache tensor. After a decoder run it stays the ONNX Runtime value the graph
+/// returned (`Ort`), and goes back in as the next run's input without being copied; it is brought
+/// to the host only when rows must be selected (beam search).
+#[derive(Debug)]
+pub(crate) enum CacheTensor {
+    Host(RowTensor),
+    Ort(DynValue),
+}
+
+impl CacheTensor {
+    fn into_value(self) -> Result<DynValue, ort::Error> {
+        match self {
+            CacheTensor::Host(t) => Ok(Tensor::from_array((t.shape, t.data))?.into_dyn()),
+            CacheTensor::Ort(v) => Ok(v),
+        }
+    }
+
+    fn select_rows(&mut self, sources: &[usize]) -> Result<(), ort::Error> {
+        if let CacheTensor::Ort(value) = self {
+            *self = CacheTensor::Host(RowTensor::from_value(value)?);
+        }
+        if let CacheTensor::Host(t) = self {
+            t.select_rows(sources);
+        }
+        Ok(())
+    }
+}
+
 /// The state both decoder graphs share: attention mask, next positions and the self-attention
 /// cache (`past_key_values.<i>.key/.value` in, `present.<i>.key/.value` out).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct DecoderState {
     pub mask: Vec<Vec<i64>>,
     pub next_position: Vec<i64>,
-    pub cache: Vec<RowTensor>,
+    pub cache: Vec<CacheTensor>,
 }
 
 impl DecoderState {
@@ -492,16 +520,18 @@ impl DecoderState {
             next_position: vec![0; rows],
             mask,
             cache: (0..2 * layers)
-                .map(|_| RowTensor::empty_cache(rows, heads, head_dim))
+                .map(|_| CacheTensor::Host(RowTensor::empty_cache(rows, heads, head_dim)))
                 .collect(),
         }
     }
 
+    /// Row i becomes former row `sources[i]`. A cache tensor ONNX Runtime cannot hand back as
+    /// float32 is a broken graph; [`DecoderState::run`] reports it, so it is left as it is here.
     pub fn select_rows(&mut self, sources: &[usize]) {
         self.mask = sources.iter().map(|&s| self.mask[s].clone()).collect();
         self.next_position = sources.iter().map(|&s| self.next_position[s]).collect();
         for c in &mut self.cache {
-            c.select_rows(sources);
+            let _ = c.select_rows(sources);
         }
     }
 
@@ -530,7 +560,7 @@ impl DecoderState {
     }
 
     /// Runs the decoder graph with `token_input` and any `extra` inputs; keeps `present.*` as the
-    /// next cache and returns the logits at the last position.
+    /// next cache (as ONNX Runtime values, uncopied) and returns the logits at the last position.
     pub fn run(
         &mut self,
         session: &mut Session,
@@ -543,6 +573,11 @@ impl DecoderState {
             model: model.to_string(),
             graph: "decoder".into(),
             message: e.to_string(),
+        };
+        let missing = |name: &str| CaptionModelError::Graph {
+            model: model.to_string(),
+            graph: "decoder".into(),
+            message: format!("output `{name}` is missing"),
         };
         let rows = self.mask.len();
         let total = self.mask.first().map_or(0, |m| m.len());
@@ -563,38 +598,33 @@ impl DecoderState {
                     .into_dyn(),
             ),
         ];
-        for (i, c) in self.cache.iter().enumerate() {
+        let layers = self.cache.len() / 2;
+        for (i, c) in std::mem::take(&mut self.cache).into_iter().enumerate() {
             let kind = if i % 2 == 0 { "key" } else { "value" };
             inputs.push((
                 format!("past_key_values.{}.{kind}", i / 2),
-                c.to_value().map_err(graph_error)?,
+                c.into_value().map_err(graph_error)?,
             ));
         }
         inputs.extend(extra);
-        let outputs = session.run(inputs).map_err(graph_error)?;
-        for (i, c) in self.cache.iter_mut().enumerate() {
+        let mut outputs = session.run(inputs).map_err(graph_error)?;
+        let mut cache = Vec::with_capacity(2 * layers);
+        for i in 0..2 * layers {
             let kind = if i % 2 == 0 { "key" } else { "value" };
             let name = format!("present.{}.{kind}", i / 2);
-            let value = outputs.get(&name).ok_or_else(|| CaptionModelError::Graph {
-                model: model.to_string(),
-                graph: "decoder".into(),
-                message: format!("output `{name}` is missing"),
-            })?;
-            *c = RowTensor::from_value(value).map_err(graph_error)?;
+            cache.push(CacheTensor::Ort(
+                outputs.remove(&name).ok_or_else(|| missing(&name))?,
+            ));
         }
-        let logits = outputs
-            .get("logits")
-            .ok_or_else(|| CaptionModelError::Graph {
-                model: model.to_string(),
-                graph: "decoder".into(),
-                message: "output `logits` is missing".into(),
-            })?;
-        let logits = RowTensor::from_value(logits).map_err(graph_error)?;
-        let vocab = logits.shape[2] as usize;
+        self.cache = cache;
+        let logits = outputs.get("logits").ok_or_else(|| missing("logits"))?;
+        let (shape, data) = logits.try_extract_tensor::<f32>().map_err(graph_error)?;
+        // Only the last position's logits are needed; copy just those rows out of ORT's buffer.
+        let (positions_out, vocab) = (shape[1] as usize, shape[2] as usize);
         let mut last = Vec::with_capacity(rows * vocab);
         for r in 0..rows {
-            let row = logits.row(r);
-            last.extend_from_slice(&row[(sequence - 1) * vocab..sequence * vocab]);
+            let at = (r * positions_out + positions_out - 1) * vocab;
+            last.extend_from_slice(&data[at..at + vocab]);
         }
         Ok(last)
     }

@@ -49,6 +49,9 @@ pub struct SessionConfig {
     pub optimization: OptimizationLevel,
     /// TensorRT settings, used when `provider` is TensorRT.
     pub tensorrt: TensorRtOptions,
+    /// Write ONNX Runtime's per-operator profile (JSON, chrome://tracing format) to files whose
+    /// names start with this prefix; for `cip bench`, never for normal runs (it slows them).
+    pub profile: Option<std::path::PathBuf>,
 }
 
 impl SessionConfig {
@@ -126,6 +129,11 @@ fn configure(
     if let Some(threads) = config.intra_threads {
         builder = builder
             .with_intra_threads(threads)
+            .map_err(|e| e.message().to_string())?;
+    }
+    if let Some(prefix) = &config.profile {
+        builder = builder
+            .with_profiling(prefix)
             .map_err(|e| e.message().to_string())?;
     }
     if let Some(threads) = config.inter_threads {

@@ -7,6 +7,7 @@
 //! which other images share its batch.
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use ndarray::{Array2, Array4, ArrayView4};
 use ort::session::Session;
@@ -90,8 +91,20 @@ pub struct RgbImage {
     pub pixels: Vec<u8>,
 }
 
+/// Seconds spent inside each graph's `run` since the last [`Pipeline::take_graph_seconds`]
+/// (ONNX Runtime's own time plus input/output copies); for benchmarks and profiles.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GraphSeconds {
+    pub text_encoder: f64,
+    pub unet: f64,
+    pub vae_decoder: f64,
+    /// UNet calls counted in `unet`.
+    pub unet_calls: usize,
+}
+
 pub struct Pipeline {
     dir: ModelDir,
+    graph_seconds: GraphSeconds,
     config: SdConfig,
     unet_levels: u32,
     tokenizer: Tokenizer,
@@ -146,7 +159,29 @@ impl Pipeline {
             unet,
             vae_decoder,
             dir,
+            graph_seconds: GraphSeconds::default(),
         })
+    }
+
+    /// Time spent per graph since the last call, and resets the counters.
+    pub fn take_graph_seconds(&mut self) -> GraphSeconds {
+        std::mem::take(&mut self.graph_seconds)
+    }
+
+    /// Ends ONNX Runtime profiling (sessions opened with `SessionConfig::profile`) and returns the
+    /// profile files written, one per graph.
+    pub fn end_profiling(&mut self) -> Result<Vec<PathBuf>, PipelineError> {
+        let mut files = Vec::new();
+        for (role, session) in [
+            ("text_encoder", &mut self.text_encoder),
+            ("unet", &mut self.unet),
+            ("vae_decoder", &mut self.vae_decoder),
+        ] {
+            files.push(PathBuf::from(
+                session.end_profiling().map_err(inference(role))?,
+            ));
+        }
+        Ok(files)
     }
 
     pub fn model_dir(&self) -> &ModelDir {
@@ -221,6 +256,7 @@ impl Pipeline {
             ids.extend(self.tokenize(prompt)?.into_iter().map(|id| id as i32));
         }
         let ids = Array2::from_shape_vec((prompts.len(), max), ids).expect("ids shape");
+        let started = Instant::now();
         let outputs = self
             .text_encoder
             .run(ort::inputs![
@@ -230,7 +266,9 @@ impl Pipeline {
         let hidden = outputs["last_hidden_state"]
             .try_extract_array::<f32>()
             .map_err(inference("text_encoder"))?;
-        Ok((hidden.iter().copied().collect(), hidden.shape().to_vec()))
+        let result = (hidden.iter().copied().collect(), hidden.shape().to_vec());
+        self.graph_seconds.text_encoder += started.elapsed().as_secs_f64();
+        Ok(result)
     }
 
     /// Makes one image per request, all in one UNet batch (two with CFG: `[uncond..., cond...]`).
@@ -293,6 +331,7 @@ impl Pipeline {
             let sample = Array4::from_shape_vec((unet_batch, channels, latent_h, latent_w), sample)
                 .expect("sample shape");
             let timesteps = ndarray::Array1::from_elem(unet_batch, timestep);
+            let started = Instant::now();
             let outputs = self
                 .unet
                 .run(ort::inputs![
@@ -306,6 +345,8 @@ impl Pipeline {
                 .try_extract_array::<f32>()
                 .map_err(inference("unet"))?;
             let predicted: Vec<f32> = predicted.iter().copied().collect();
+            self.graph_seconds.unet += started.elapsed().as_secs_f64();
+            self.graph_seconds.unet_calls += 1;
             let noise_prediction: Vec<f32> = if cfg {
                 let (uncond, cond) = predicted.split_at(n * per_image);
                 uncond
@@ -323,6 +364,7 @@ impl Pipeline {
         let latents: Vec<f32> = latents.into_iter().map(|x| x / scaling).collect();
         let latents = ArrayView4::from_shape((n, channels, latent_h, latent_w), &latents)
             .expect("latent shape");
+        let started = Instant::now();
         let outputs = self
             .vae_decoder
             .run(ort::inputs![
@@ -332,6 +374,7 @@ impl Pipeline {
         let decoded = outputs["sample"]
             .try_extract_array::<f32>()
             .map_err(inference("vae_decoder"))?;
+        self.graph_seconds.vae_decoder += started.elapsed().as_secs_f64();
         let shape = decoded.shape().to_vec();
         let (height, width) = (shape[2], shape[3]);
         let mut images = Vec::with_capacity(n);

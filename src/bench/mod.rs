@@ -3,6 +3,12 @@
 //! `cip bench plan`: `cip plan` on a generated experiment whose dataset split holds an N-item
 //! manifest (1.3 M by default, ImageNet-1K's train size) with every node cached. The target is
 //! under 2 s: planning must never cost more than a glance.
+//!
+//! `cip bench generate` and `cip bench caption` ([`generate`], [`caption`]): cip's model pipelines
+//! against the reference Python libraries on the same model, in one run, as a speed ratio.
+
+pub mod caption;
+pub mod generate;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -19,6 +25,88 @@ pub enum BenchError {
     },
     #[error("{0}")]
     Failed(String),
+}
+
+/// The median of a non-empty list of timings.
+pub fn median(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The export tool's `bench` subcommand (models/cip_export/bench.py), run with the venv's Python.
+#[derive(Debug, Clone)]
+pub struct PythonTool {
+    pub python: PathBuf,
+    pub export_script: PathBuf,
+}
+
+impl PythonTool {
+    /// Runs `python export.py bench ARGS...`; stderr passes through (progress), stdout is returned.
+    pub fn run(&self, args: &[&str]) -> Result<String, BenchError> {
+        let output = Command::new(&self.python)
+            .arg(&self.export_script)
+            .arg("bench")
+            .args(args)
+            .env("HF_HUB_OFFLINE", "1")
+            .env("TRANSFORMERS_OFFLINE", "1")
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .map_err(|e| {
+                BenchError::Failed(format!(
+                    "cannot run {} {}: {e} (run `make setup`, or pass --python)",
+                    self.python.display(),
+                    self.export_script.display()
+                ))
+            })?;
+        if !output.status.success() {
+            return Err(BenchError::Failed(format!(
+                "{} {} bench {} failed ({}); its error is above",
+                self.python.display(),
+                self.export_script.display(),
+                args.first().copied().unwrap_or(""),
+                output.status
+            )));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ReferenceTiming {
+    library: String,
+    version: String,
+    threads: usize,
+    seconds: Vec<f64>,
+}
+
+/// Runs a `*-time` bench and reads its JSON line: the timed seconds and a label naming the library.
+pub(crate) fn run_reference(
+    python: &PythonTool,
+    args: &[&str],
+) -> Result<(Vec<f64>, String), BenchError> {
+    let stdout = python.run(args)?;
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .ok_or_else(|| {
+            BenchError::Failed(format!(
+                "bench {}: no JSON result line in its output:\n{stdout}",
+                args[0]
+            ))
+        })?;
+    let timing: ReferenceTiming = serde_json::from_str(line).map_err(|e| {
+        BenchError::Failed(format!("bench {}: bad result line {line:?}: {e}", args[0]))
+    })?;
+    let label = format!(
+        "{} {} ({} threads)",
+        timing.library, timing.version, timing.threads
+    );
+    Ok((timing.seconds, label))
 }
 
 pub struct PlanBench {
