@@ -335,3 +335,129 @@ fn stderr_error(out: &Output) -> String {
     }
     masked
 }
+
+// ------------------------------------------------------------ the shard protocol in the cache
+
+mod protocol {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use cip::cache::{Acquired, Cache, CacheError, EntryMeta, ShardAcquired, ShardSpec};
+    use serde_json::json;
+
+    const KEY: &str = "abcd0123";
+
+    fn shard(cache: &Cache, index: u32, count: u32) -> cip::cache::Builder {
+        match cache
+            .acquire_shard("generate", KEY, ShardSpec::new(index, count).unwrap())
+            .unwrap()
+        {
+            ShardAcquired::Build(b) => b,
+            other => panic!("expected to build the shard, got {other:?}"),
+        }
+    }
+
+    fn meta() -> EntryMeta {
+        EntryMeta {
+            kind: "generate".into(),
+            key: KEY.into(),
+            node: "images".into(),
+            key_fields: json!({}),
+            started_unix: 0,
+            finished_unix: 0,
+            elapsed_secs: 0.0,
+            cip_version: "test".into(),
+            counts: Default::default(),
+            extra: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn shards_of_one_entry_build_at_once_and_only_the_finaliser_commits() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::open(tmp.path()).unwrap();
+        let (a, b) = (shard(&cache, 0, 2), shard(&cache, 1, 2));
+        assert_eq!(
+            a.dir(),
+            b.dir(),
+            "both shards journal into the partial directory"
+        );
+        let mut ja = a
+            .journal(&ShardSpec::new(0, 2).unwrap().journal_name("images"))
+            .unwrap();
+        let mut jb = b
+            .journal(&ShardSpec::new(1, 2).unwrap().journal_name("images"))
+            .unwrap();
+        ja.append_batch(&[json!({"item": "x"})]).unwrap();
+        jb.append_batch(&[json!({"item": "y"}), json!({"item": "z"})])
+            .unwrap();
+        // The done set is the union of every journal of the base name, read without writing.
+        let done = a.journal_done("images").unwrap();
+        assert_eq!(done.len(), 3);
+        assert!(a.journal_done("captions").unwrap().is_empty());
+        let marker = a.mark_shard_done(&cache).unwrap();
+        assert!(marker.ends_with("0-of-2.done"));
+        assert!(cache.shard_done("generate", KEY, ShardSpec::new(0, 2).unwrap()));
+        assert!(!cache.shard_done("generate", KEY, ShardSpec::new(1, 2).unwrap()));
+        assert!(matches!(
+            a.commit(meta()),
+            Err(CacheError::ShardCommit { .. })
+        ));
+
+        // The finaliser (a builder of the whole entry) waits for the live shard `b`.
+        let (sent, received) = mpsc::channel();
+        let finaliser_cache = cache.clone();
+        let finaliser = std::thread::spawn(move || {
+            let builder = match finaliser_cache.acquire("generate", KEY).unwrap() {
+                Acquired::Build(b) => b,
+                Acquired::Cached(_) => panic!("not complete yet"),
+            };
+            sent.send(()).unwrap();
+            let records = builder.journal_records("images").unwrap();
+            builder.commit(meta()).unwrap();
+            records.len()
+        });
+        assert!(
+            received.recv_timeout(Duration::from_millis(500)).is_err(),
+            "the finaliser went ahead while a shard was live"
+        );
+        drop(jb);
+        drop(b);
+        received
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the finaliser proceeds once the shard is gone");
+        assert_eq!(finaliser.join().unwrap(), 3);
+        assert!(
+            !cache.shards_dir("generate", KEY).exists(),
+            "commit removes the shard directory"
+        );
+        // A shard that starts after the commit finds the entry complete.
+        assert!(matches!(
+            cache
+                .acquire_shard("generate", KEY, ShardSpec::new(1, 2).unwrap())
+                .unwrap(),
+            ShardAcquired::Cached(_)
+        ));
+    }
+
+    #[test]
+    fn a_shard_backs_off_while_the_entry_lock_is_held() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::open(tmp.path()).unwrap();
+        let whole = match cache.acquire("generate", KEY).unwrap() {
+            Acquired::Build(b) => b,
+            Acquired::Cached(_) => unreachable!(),
+        };
+        let spec = ShardSpec::new(0, 3).unwrap();
+        assert!(matches!(
+            cache.acquire_shard("generate", KEY, spec).unwrap(),
+            ShardAcquired::Busy(_)
+        ));
+        // Backing off released the shard lock: the entry builder can still commit.
+        whole.commit(meta()).unwrap();
+        assert!(matches!(
+            cache.acquire_shard("generate", KEY, spec).unwrap(),
+            ShardAcquired::Cached(_)
+        ));
+    }
+}

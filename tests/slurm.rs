@@ -497,3 +497,62 @@ fn an_array_task_cancelled_mid_run_is_resubmitted_and_resumes() {
     ids.dedup();
     assert_eq!((journal.len(), ids.len()), (12, 12));
 }
+
+#[test]
+fn a_driver_killed_mid_run_is_resumed_by_running_it_again() {
+    require_cluster!();
+    let text = ITEMS
+        .replace("[nodes.captions]", "[nodes.resumeme]")
+        .replace("source = \"captions\"", "source = \"resumeme\"")
+        .replace("sleep_ms = 50", "sleep_ms = 300");
+    let reference = tempfile::tempdir().unwrap();
+    std::fs::write(reference.path().join("exp.toml"), &text).unwrap();
+    let local = cip_in(reference.path(), &["run", "exp.toml"]);
+    assert!(local.status.success(), "{}", stderr(&local));
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("exp.toml"), &text).unwrap();
+    let args = ["run", "exp.toml", "--executor", "slurm", "--shards", "3"];
+    let mut driver = command(dir.path(), &args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill the driver (SIGKILL) once the first shard has finished; its jobs stay in Slurm.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !tree(&dir.path().join(".cip/cache/test-items"))
+        .iter()
+        .any(|(p, _)| p.ends_with("-of-3.done"))
+    {
+        assert!(std::time::Instant::now() < deadline, "no shard finished");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    driver.kill().unwrap();
+    driver.wait().unwrap();
+
+    let rerun = cip_in(dir.path(), &args);
+    assert!(rerun.status.success(), "{}", stderr(&rerun));
+    let cache = dir.path().join(".cip/cache");
+    let ref_cache = reference.path().join(".cip/cache");
+    for kind in ["test-items", "compose", "test-score"] {
+        let main_files = |cache: &Path| -> Vec<(String, Vec<u8>)> {
+            tree(&cache.join(kind))
+                .into_iter()
+                .filter(|(p, _)| p.ends_with(".csv") || p.ends_with("metrics.json"))
+                .collect()
+        };
+        assert_eq!(main_files(&cache), main_files(&ref_cache), "{kind}");
+    }
+    let journal = tree(&entries(&cache, "test-items")[0])
+        .into_iter()
+        .filter(|(p, _)| p.ends_with(".journal"))
+        .flat_map(|(_, b)| {
+            String::from_utf8(b)
+                .unwrap()
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(journal.len(), 12, "every item computed once");
+}

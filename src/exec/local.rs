@@ -399,7 +399,7 @@ pub fn run_shard(
                     )));
                 }
                 #[cfg(feature = "test-kinds")]
-                test_hooks::fail_shard(cache, node.name(), &node.kind.name(), &node.key, spec)?;
+                test_hooks::fail_shard(cache, node.name(), node.kind.name(), &node.key, spec)?;
                 let queue = ShardQueue::of([spec], settings.show_progress);
                 run_node(exp, plan, cache, i, settings, &builder, Some(&queue))?;
                 return Ok(ShardOutcome::Done(builder.mark_shard_done(cache)?));

@@ -326,7 +326,9 @@ impl Driver {
         out
     }
 
-    fn submit(&self, job: &Job, only_task: Option<u32>) -> Result<String, SlurmError> {
+    /// Submits the job; `only_tasks` limits an array to those task indices (a resubmission, or
+    /// a rerun where some shards already finished).
+    fn submit(&self, job: &Job, only_tasks: Option<&[u32]>) -> Result<String, SlurmError> {
         let script = job.script_path();
         std::fs::create_dir_all(&job.log_dir).map_err(io_error("create", &job.log_dir))?;
         if !script.is_file() || std::fs::read_to_string(&script).ok().as_deref() != Some(&job.text)
@@ -335,8 +337,14 @@ impl Driver {
         }
         let mut command = Command::new("sbatch");
         command.arg("--parsable");
-        if let Some(t) = only_task {
-            command.arg(format!("--array={t}"));
+        if let Some(tasks) = only_tasks {
+            let list: Vec<String> = tasks.iter().map(u32::to_string).collect();
+            let limit = self
+                .args
+                .array_parallelism
+                .map(|k| format!("%{k}"))
+                .unwrap_or_default();
+            command.arg(format!("--array={}{limit}", list.join(",")));
         }
         let output = command
             .arg(&script)
@@ -365,8 +373,9 @@ impl Driver {
         tracing::info!(
             "submitted {} as job {id}{}",
             job.name,
-            match (only_task, job.tasks) {
-                (Some(t), _) => format!(" (shard {t} again)"),
+            match (only_tasks, job.tasks) {
+                (Some([t]), _) => format!(" (shard {t})"),
+                (Some(tasks), _) => format!(" (shards {tasks:?})"),
                 (None, Some(n)) => format!(" ({n} array tasks)"),
                 (None, None) => String::new(),
             }
@@ -453,24 +462,40 @@ impl Driver {
                     continue;
                 }
                 let job = self.job(plan, i);
-                let job_id = match self.submit(&job, None) {
-                    Ok(id) => id,
-                    Err(e) => {
-                        self.cancel(&submitted);
-                        return Err(e);
+                // Shards finished by an earlier, interrupted run keep their markers.
+                let missing: Option<Vec<u32>> = job.tasks.map(|n| {
+                    (0..n)
+                        .filter(|&t| !cache.shard_done(kind_of(plan, i), &node.key, spec(t, n)))
+                        .collect()
+                });
+                let partial_rerun = missing
+                    .as_ref()
+                    .is_some_and(|m| m.len() as u32 != job.tasks.unwrap_or(0));
+                let job_id = if missing.as_ref().is_some_and(Vec::is_empty) {
+                    None
+                } else {
+                    let only = missing.as_deref().filter(|_| partial_rerun);
+                    match self.submit(&job, only) {
+                        Ok(id) => Some(id),
+                        Err(e) => {
+                            self.cancel(&submitted);
+                            return Err(e);
+                        }
                     }
                 };
-                let tasks = match job.tasks {
-                    Some(n) => (0..n).map(Some).collect(),
-                    None => vec![None],
+                let tasks = match (&missing, job.tasks) {
+                    (Some(missing), Some(n)) => {
+                        (0..n).map(|t| (Some(t), !missing.contains(&t))).collect()
+                    }
+                    _ => vec![(None, false)],
                 }
                 .into_iter()
-                .map(|index| Task {
+                .map(|(index, done)| Task {
                     index,
-                    job_id: job_id.clone(),
+                    job_id: job_id.clone().unwrap_or_default(),
                     failures: 0,
                     missing: 0,
-                    done: false,
+                    done,
                 })
                 .collect();
                 submitted.insert(i, Submitted { job, tasks });
@@ -512,7 +537,7 @@ impl Driver {
                         }
                         let finished = match (task.index, sub.job.tasks) {
                             (Some(t), Some(n)) => {
-                                cache.shard_done(kind, key, ShardSpec { index: t, count: n })
+                                cache.shard_done(kind, key, spec(t, n))
                                     || cache.get(kind, key).ok().flatten().is_some()
                             }
                             _ => cache.get(kind, key).ok().flatten().is_some(),
@@ -555,7 +580,10 @@ impl Driver {
                 }
                 for index in resubmit {
                     let sub = &submitted[&i];
-                    let id = match self.submit(&sub.job, index) {
+                    let only: Vec<u32> = index.into_iter().collect();
+                    let id = match self
+                        .submit(&sub.job, Some(only.as_slice()).filter(|o| !o.is_empty()))
+                    {
                         Ok(id) => id,
                         Err(e) => {
                             self.cancel(&submitted);
@@ -596,6 +624,14 @@ impl Driver {
         }
         Ok(report)
     }
+}
+
+fn spec(index: u32, count: u32) -> ShardSpec {
+    ShardSpec { index, count }
+}
+
+fn kind_of(plan: &Plan, i: usize) -> &'static str {
+    plan.nodes[i].kind.name()
 }
 
 /// The planned nodes a node reads.
