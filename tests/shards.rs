@@ -461,3 +461,137 @@ mod protocol {
         ));
     }
 }
+
+/// The eval entry's result files (no journals, no metadata).
+fn eval_outputs(cache: &Path) -> Vec<(String, Vec<u8>)> {
+    let entry = entries(cache, "eval");
+    assert_eq!(entry.len(), 1, "one eval entry in {}", cache.display());
+    tree(&entry[0])
+        .into_iter()
+        .filter(|(p, _)| p.ends_with(".csv") || p.ends_with(".json") && p != "meta.json")
+        .collect()
+}
+
+#[test]
+fn eval_as_3_shards_gives_the_metrics_of_an_ordinary_run() {
+    let p = demo_project();
+    let dir = p.path();
+    let base = dir.join("base-cache");
+    let base_arg = base.display().to_string();
+    let up = cip_in(
+        dir,
+        &[
+            "run",
+            EXP,
+            "--only",
+            "classifier",
+            "--variant",
+            VARIANT,
+            "--cache",
+            &base_arg,
+            "-q",
+        ],
+    );
+    assert!(up.status.success(), "{}", stderr(&up));
+
+    let plain = dir.join("plain");
+    copy_tree(&base, &plain);
+    let plain_arg = plain.display().to_string();
+    let run = cip_in(
+        dir,
+        &[
+            "run",
+            EXP,
+            "--only",
+            "evaluate",
+            "--variant",
+            VARIANT,
+            "--cache",
+            &plain_arg,
+            "-q",
+        ],
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+
+    let sharded = dir.join("sharded");
+    copy_tree(&base, &sharded);
+    let sharded_arg = sharded.display().to_string();
+    let children: Vec<_> = (0..3)
+        .map(|i| {
+            let index = i.to_string();
+            command(
+                dir,
+                &[
+                    "shard",
+                    EXP,
+                    "--node",
+                    "evaluate",
+                    "--variant",
+                    VARIANT,
+                    "--index",
+                    &index,
+                    "--count",
+                    "3",
+                    "--cache",
+                    &sharded_arg,
+                    "--threads",
+                    "1",
+                    "-q",
+                ],
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let fin = cip_in(
+        dir,
+        &[
+            "finalize",
+            EXP,
+            "--node",
+            "evaluate",
+            "--variant",
+            VARIANT,
+            "--cache",
+            &sharded_arg,
+        ],
+    );
+    assert!(fin.status.success(), "{}", stderr(&fin));
+
+    let expected = eval_outputs(&plain);
+    let names: Vec<&str> = expected.iter().map(|(p, _)| p.as_str()).collect();
+    for wanted in [
+        "metrics.json",
+        "per_class.csv",
+        "confusion.csv",
+        "membership.csv",
+    ] {
+        assert!(names.contains(&wanted), "{wanted} missing from {names:?}");
+    }
+    assert!(eval_outputs(&sharded) == expected, "sharded eval differs");
+    // The shards scored disjoint items that together cover every image once.
+    let entry = &entries(&sharded, "eval")[0];
+    let mut ids = Vec::new();
+    for (path, bytes) in tree(entry) {
+        if path.starts_with("scores.shard-") && path.ends_with(".journal") {
+            for line in String::from_utf8(bytes).unwrap().lines() {
+                let record: serde_json::Value = serde_json::from_str(line).unwrap();
+                ids.push(record["item"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    let n = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "an image was scored twice");
+    assert!(
+        ids.iter().any(|i| i.starts_with("member:")),
+        "members scored too"
+    );
+}

@@ -78,6 +78,16 @@ pub fn test_set_name(origin: &str) -> String {
         .to_string()
 }
 
+/// One image to score, in listing order of its set.
+struct ScoreItem {
+    id: String,
+    /// `test` (scored for accuracy) or `member` (the membership attack's training images).
+    role: &'static str,
+    set: String,
+    class: String,
+    path: std::path::PathBuf,
+}
+
 fn read_class_ids(path: &Path) -> Result<Vec<String>, NodeError> {
     let text = std::fs::read_to_string(path).map_err(NodeError::io(path))?;
     Ok(text
@@ -92,6 +102,8 @@ impl NodeKind for Eval {
         "eval"
     }
     fn version(&self) -> u32 {
+        // Still 1: scoring per item through a journal (resumable, shardable) left results as
+        // they were, so cached evaluations stay valid.
         1
     }
     fn inputs(&self) -> &'static [InputSlot] {
@@ -114,6 +126,9 @@ impl NodeKind for Eval {
     }
     fn file_params(&self) -> &'static [&'static str] {
         &["mask"]
+    }
+    fn journaled(&self) -> bool {
+        true
     }
     fn resolve_params(&self, table: &toml::Table) -> Result<serde_json::Value, ParamError> {
         let value = super::resolve_typed::<EvalParams>(table)?;
@@ -161,16 +176,6 @@ impl NodeKind for Eval {
                 Some(keep)
             }
         };
-        let session_config = SessionConfig {
-            intra_threads: Some(ctx.settings.threads.max(1)),
-            ..SessionConfig::default()
-        };
-        let mut session = dir.session("forward", &session_config).map_err(failed)?;
-
-        let mut metrics = serde_json::Map::new();
-        let mut per_class_rows: Vec<[String; 5]> = Vec::new();
-        let mut confusion_rows: Vec<[String; 4]> = Vec::new();
-        let mut total = 0u64;
         let tests = ctx.inputs.get("test").cloned().unwrap_or_default();
         let members = ctx.inputs.get("members").and_then(|m| m.first()).cloned();
         let nonmember_set = match (&members, &p.nonmembers) {
@@ -188,17 +193,63 @@ impl NodeKind for Eval {
                 )));
             }
         }
-        let mut nonmember_scores = Vec::new();
-        for test in tests {
-            let name = test_set_name(&test.origin);
-            let images = artifact_images(&test)?;
-            let (scored, skipped): (Vec<_>, Vec<_>) = images
+
+        // Every image to score is an item: `test:<set>:<path>` or `member:<set>:<path>`. Items
+        // are journaled with their ranking and true-label confidence, so the node resumes after a
+        // crash and splits into shards; the metrics are computed from the journals at the end.
+        let mut items: Vec<ScoreItem> = Vec::new();
+        let mut skipped_per_set: BTreeMap<String, u64> = BTreeMap::new();
+        let mut sets: Vec<(String, &super::Artifact, &'static str)> = tests
+            .iter()
+            .map(|t| (test_set_name(&t.origin), t, "test"))
+            .collect();
+        if let Some(m) = &members {
+            sets.push((test_set_name(&m.origin), m, "member"));
+        }
+        for (name, artifact, role) in &sets {
+            for image in artifact_images(artifact)? {
+                if !index_of.contains_key(image.class.as_str()) {
+                    if *role == "test" {
+                        *skipped_per_set.entry(name.clone()).or_default() += 1;
+                    }
+                    continue;
+                }
+                let rel = image
+                    .path
+                    .strip_prefix(&artifact.dir)
+                    .unwrap_or(&image.path);
+                items.push(ScoreItem {
+                    id: format!("{role}:{name}:{}", rel.display()),
+                    role,
+                    set: name.clone(),
+                    class: image.class,
+                    path: image.path,
+                });
+            }
+        }
+        let done = ctx.builder.journal_done("scores")?;
+        let already = items.iter().filter(|i| done.contains(&i.id)).count();
+        let mut progress = ctx.progress(items.len() as u64, already as u64);
+        // Opened on the first part with work: a finaliser after complete shards needs no model.
+        let mut session = None;
+        ctx.for_each_part("scores", |journal_name, owns| {
+            let todo: Vec<&ScoreItem> = items
                 .iter()
-                .partition(|i| index_of.contains_key(i.class.as_str()));
-            let (mut top1, mut top5) = (0u64, 0u64);
-            let mut per_class: BTreeMap<&str, (u64, u64, u64)> = BTreeMap::new();
-            let mut confusion: BTreeMap<(&str, usize), u64> = BTreeMap::new();
-            for chunk in scored.chunks(p.batch_size.max(1)) {
+                .filter(|i| owns(&i.id) && !done.contains(&i.id))
+                .collect();
+            if todo.is_empty() {
+                return Ok(());
+            }
+            let mut journal = ctx.builder.journal(journal_name)?;
+            if session.is_none() {
+                let config = SessionConfig {
+                    intra_threads: Some(ctx.settings.threads.max(1)),
+                    ..SessionConfig::default()
+                };
+                session = Some(dir.session("forward", &config).map_err(failed)?);
+            }
+            let session = session.as_mut().expect("opened above");
+            for chunk in todo.chunks(p.batch_size.max(1)) {
                 let paths: Vec<&Path> = chunk.iter().map(|i| i.path.as_path()).collect();
                 let batch = augment::eval_batch(
                     &paths,
@@ -208,36 +259,92 @@ impl NodeKind for Eval {
                     config.std,
                 )
                 .map_err(|e| NodeError::Failed(e.to_string()))?;
-                let logits = forward_logits(&mut session, dir.root(), batch.view())
+                let logits = forward_logits(session, dir.root(), batch.view())
                     .map_err(|e| NodeError::Failed(format!("node `{}`: {e}", ctx.node)))?;
+                let mut records = Vec::with_capacity(chunk.len());
                 for (item, row) in chunk.iter().zip(logits.rows()) {
                     let truth = index_of[item.class.as_str()];
-                    if nonmember_set.as_ref() == Some(&name) {
-                        nonmember_scores.push(membership::true_label_confidence(
-                            row,
-                            truth,
-                            allowed.as_deref(),
-                        ));
-                    }
                     let mut ranked: Vec<usize> = (0..row.len())
                         .filter(|&i| allowed.as_ref().is_none_or(|a| a[i]))
                         .collect();
                     // Ties break toward the lower index, like torch.topk on CPU.
                     ranked.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
-                    let hit1 = ranked.first() == Some(&truth);
-                    let hit5 = ranked.iter().take(5).any(|&i| i == truth);
-                    top1 += u64::from(hit1);
-                    top5 += u64::from(hit5);
-                    let e = per_class.entry(item.class.as_str()).or_default();
-                    e.0 += 1;
-                    e.1 += u64::from(hit1);
-                    e.2 += u64::from(hit5);
-                    if let Some(&pred) = ranked.first() {
-                        *confusion.entry((item.class.as_str(), pred)).or_default() += 1;
-                    }
+                    ranked.truncate(5);
+                    let confidence =
+                        membership::true_label_confidence(row, truth, allowed.as_deref());
+                    records.push(serde_json::json!({
+                        "item": item.id,
+                        "top5": ranked,
+                        "confidence": confidence,
+                    }));
+                }
+                journal.append_batch(&records)?;
+                progress.advance(chunk.len() as u64);
+            }
+            Ok(())
+        })?;
+        if ctx.is_shard_worker() {
+            return Ok(RunSummary::default());
+        }
+
+        // (ranking, confidence) per item id, from every journal whatever the split.
+        let mut scored: HashMap<String, (Vec<usize>, f32)> = HashMap::new();
+        for r in ctx.builder.journal_records("scores")? {
+            let id = r["item"].as_str().unwrap_or_default().to_string();
+            let top5 = r["top5"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_u64())
+                        .map(|x| x as usize)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let confidence = r["confidence"].as_f64().unwrap_or(f64::NAN) as f32;
+            scored.insert(id, (top5, confidence));
+        }
+        let mut metrics = serde_json::Map::new();
+        let mut per_class_rows: Vec<[String; 5]> = Vec::new();
+        let mut confusion_rows: Vec<[String; 4]> = Vec::new();
+        let mut total = 0u64;
+        let mut member_scores = Vec::new();
+        let mut nonmember_scores = Vec::new();
+        for (name, _, role) in &sets {
+            let set_items = items.iter().filter(|i| i.role == *role && &i.set == name);
+            let (mut n, mut top1, mut top5) = (0u64, 0u64, 0u64);
+            let mut per_class: BTreeMap<&str, (u64, u64, u64)> = BTreeMap::new();
+            let mut confusion: BTreeMap<(&str, usize), u64> = BTreeMap::new();
+            for item in set_items {
+                let (ranked, confidence) = scored.get(&item.id).ok_or_else(|| {
+                    NodeError::Failed(format!(
+                        "node `{}`: no score journaled for {}; rerun to score it",
+                        ctx.node, item.id
+                    ))
+                })?;
+                if *role == "member" {
+                    member_scores.push(*confidence);
+                    continue;
+                }
+                if nonmember_set.as_ref() == Some(name) {
+                    nonmember_scores.push(*confidence);
+                }
+                let truth = index_of[item.class.as_str()];
+                let hit1 = ranked.first() == Some(&truth);
+                let hit5 = ranked.contains(&truth);
+                n += 1;
+                top1 += u64::from(hit1);
+                top5 += u64::from(hit5);
+                let e = per_class.entry(item.class.as_str()).or_default();
+                e.0 += 1;
+                e.1 += u64::from(hit1);
+                e.2 += u64::from(hit5);
+                if let Some(&pred) = ranked.first() {
+                    *confusion.entry((item.class.as_str(), pred)).or_default() += 1;
                 }
             }
-            let n = scored.len() as u64;
+            if *role == "member" {
+                continue;
+            }
             let pct = |k: u64| {
                 if n == 0 {
                     0.0
@@ -251,7 +358,7 @@ impl NodeKind for Eval {
                     "top1": pct(top1),
                     "top5": pct(top5),
                     "n": n,
-                    "skipped": skipped.len(),
+                    "skipped": skipped_per_set.get(name).copied().unwrap_or(0),
                 }),
             );
             for (class, (count, h1, h5)) in &per_class {
@@ -278,21 +385,6 @@ impl NodeKind for Eval {
             total += n;
         }
         if let (Some(members), Some(set)) = (&members, &nonmember_set) {
-            let images = artifact_images(members)?;
-            let known: Vec<&super::train::LabelledImage> = images
-                .iter()
-                .filter(|i| index_of.contains_key(i.class.as_str()))
-                .collect();
-            let member_scores = membership::score_images(
-                &mut session,
-                dir.root(),
-                &config,
-                p.interpolation,
-                p.batch_size,
-                &known,
-                &index_of,
-                allowed.as_deref(),
-            )?;
             let entry = membership::record(
                 ctx.out,
                 &test_set_name(&members.origin),

@@ -7,13 +7,9 @@
 use std::path::Path;
 
 use ndarray::ArrayView1;
-use ort::session::Session;
 
-use super::super::train::LabelledImage;
 use super::super::NodeError;
-use crate::data::augment::{self, Interpolation};
 use crate::data::table::write_csv;
-use crate::models::classifier::{forward_logits, ClassifierConfig};
 
 /// The best threshold of the attack and how well it separates.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -91,42 +87,6 @@ pub fn best_threshold(members: &[f32], nonmembers: &[f32]) -> Option<AttackResul
         }
     }
     Some(best)
-}
-
-/// True-label confidences of `images` (each class must be in `index_of`), in order.
-#[allow(clippy::too_many_arguments)]
-pub fn score_images(
-    session: &mut Session,
-    dir: &Path,
-    config: &ClassifierConfig,
-    interpolation: Interpolation,
-    batch_size: usize,
-    images: &[&LabelledImage],
-    index_of: &std::collections::HashMap<&str, usize>,
-    allowed: Option<&[bool]>,
-) -> Result<Vec<f32>, NodeError> {
-    let mut scores = Vec::with_capacity(images.len());
-    for chunk in images.chunks(batch_size.max(1)) {
-        let paths: Vec<&Path> = chunk.iter().map(|i| i.path.as_path()).collect();
-        let batch = augment::eval_batch(
-            &paths,
-            config.image_size,
-            interpolation,
-            config.mean,
-            config.std,
-        )
-        .map_err(|e| NodeError::Failed(e.to_string()))?;
-        let logits = forward_logits(session, dir, batch.view())
-            .map_err(|e| NodeError::Failed(e.to_string()))?;
-        for (item, row) in chunk.iter().zip(logits.rows()) {
-            scores.push(true_label_confidence(
-                row,
-                index_of[item.class.as_str()],
-                allowed,
-            ));
-        }
-    }
-    Ok(scores)
 }
 
 /// Runs the attack and writes `membership.csv` (the result) and `membership_scores.csv` (every
