@@ -185,6 +185,9 @@ struct BenchArgs {
     /// Write ONNX Runtime's operator profiles with this file prefix.
     #[arg(long, value_name = "PREFIX")]
     profile: Option<PathBuf>,
+    /// Time cip alone (no reference run, no ratio), e.g. with --profile.
+    #[arg(long)]
+    cip_only: bool,
 }
 
 impl BenchArgs {
@@ -267,12 +270,14 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             let plan = Plan::build(&exp)?;
             let cache = Cache::open(cache_root(&cache, Some(&file)))?;
             let opts = RunOptions { only, variant };
+            let engine_cache = Some(cache.root().join(".tensorrt"));
             let selected = exec::local::select(&exp, &plan, &opts)?;
             let settings = RunSettings {
                 provider: provider.unwrap_or_else(|| exp.run.provider.clone()),
                 threads: threads.unwrap_or(exp.run.threads),
                 devices: exp.run.devices.clone(),
                 show_progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                engine_cache,
             };
             let report = exec::run_local(&exp, &plan, &cache, &selected, &settings);
             if report.failed == 0
@@ -436,6 +441,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 repeats: common.repeats.max(1),
                 warmup: common.warmup,
                 profile: common.profile.clone(),
+                reference: !common.cip_only,
             };
             let result = cip::bench::generate::run(&bench, &common.python())?;
             println!(
@@ -459,6 +465,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 repeats: common.repeats.max(1),
                 warmup: common.warmup,
                 profile: common.profile.clone(),
+                reference: !common.cip_only,
             };
             let result = cip::bench::caption::run(&bench, &common.python())?;
             println!(

@@ -206,15 +206,21 @@ fn list_images(dir: &Path) -> Result<Vec<Item>, NodeError> {
     Ok(items)
 }
 
-fn session_config(ctx: &RunContext<'_>) -> Result<SessionConfig, NodeError> {
+fn session_config(ctx: &RunContext<'_>, model: &Path) -> Result<SessionConfig, NodeError> {
     let provider: Provider = ctx
         .settings
         .provider
         .parse()
         .map_err(|e: crate::runtime::RuntimeError| NodeError::Failed(e.to_string()))?;
+    let dir = crate::runtime::ModelDir::open(model, None)
+        .map_err(|e| NodeError::Failed(CaptionModelError::from(e).to_string()))?;
     Ok(SessionConfig {
         provider,
         intra_threads: (ctx.settings.threads > 0).then_some(ctx.settings.threads),
+        tensorrt: crate::runtime::TensorRtOptions::for_model(
+            ctx.settings.engine_cache.as_deref(),
+            &dir,
+        ),
         ..SessionConfig::default()
     })
 }
@@ -316,8 +322,9 @@ impl NodeKind for Caption {
         let model_error = |e: CaptionModelError| NodeError::Failed(e.to_string());
         let options = params.options();
         if !todo.is_empty() {
-            let mut captioner = Captioner::open(&model.family, &model.dir, &session_config(ctx)?)
-                .map_err(model_error)?;
+            let mut captioner =
+                Captioner::open(&model.family, &model.dir, &session_config(ctx, &model.dir)?)
+                    .map_err(model_error)?;
             let settings = captioner.image_settings().clone();
             for chunk in todo.chunks(params.batch_size) {
                 let mut records = Vec::new();
