@@ -235,6 +235,9 @@ struct BenchArgs {
     /// Write ONNX Runtime's operator profiles with this file prefix.
     #[arg(long, value_name = "PREFIX")]
     profile: Option<PathBuf>,
+    /// Time cip alone (no reference run, no ratio), e.g. with --profile.
+    #[arg(long)]
+    cip_only: bool,
 }
 
 impl BenchArgs {
@@ -322,12 +325,14 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             let plan = Plan::build(&exp)?;
             let cache = Cache::open(cache_root(&cache, Some(&file)))?;
             let opts = RunOptions { only, variant };
+            let engine_cache = Some(cache.root().join(".tensorrt"));
             let selected = exec::local::select(&exp, &plan, &opts)?;
             let settings = RunSettings {
                 provider: provider.unwrap_or_else(|| exp.run.provider.clone()),
                 threads: threads.unwrap_or(exp.run.threads),
                 devices: devices.unwrap_or_else(|| exp.run.devices.clone()),
                 show_progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                engine_cache,
             };
             let report = match executor {
                 Executor::Local => exec::run_local(&exp, &plan, &cache, &selected, &settings),
@@ -380,6 +385,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 threads: threads.unwrap_or(exp.run.threads),
                 devices: Vec::new(),
                 show_progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                engine_cache: Some(cache.root().join(".tensorrt")),
             };
             match exec::local::run_shard(&exp, &plan, &cache, i, spec, &settings)? {
                 exec::local::ShardOutcome::Done(marker) => {
@@ -407,6 +413,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 threads: exp.run.threads,
                 devices: Vec::new(),
                 show_progress: false,
+                engine_cache: Some(cache.root().join(".tensorrt")),
             };
             let cached = exec::local::finalize(&exp, &plan, &cache, i, &settings)?;
             plan.remember(&exp, &cache, i);
@@ -580,6 +587,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 repeats: common.repeats.max(1),
                 warmup: common.warmup,
                 profile: common.profile.clone(),
+                reference: !common.cip_only,
             };
             let result = cip::bench::generate::run(&bench, &common.python())?;
             println!(
@@ -603,6 +611,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 repeats: common.repeats.max(1),
                 warmup: common.warmup,
                 profile: common.profile.clone(),
+                reference: !common.cip_only,
             };
             let result = cip::bench::caption::run(&bench, &common.python())?;
             println!(

@@ -79,6 +79,59 @@ fn token_ids_equal_the_clip_tokenizer() {
     }
 }
 
+/// The fp16 export of the same weights (the GPU dtype), run on the CPU provider, against
+/// diffusers' fp32 images. fp16 keeps ~3 significant digits, so the bound is looser than
+/// MAX_PIXEL_DIFF; a wrong cast (e.g. float16 bits read as float32) gives noise, far outside it.
+const FP16_MEAN_PIXEL_DIFF: f64 = 0.25;
+const FP16_MAX_PIXEL_DIFF: i32 = 4;
+
+#[test]
+fn fp16_export_matches_the_fp32_references_closely() {
+    let mut pipeline = Pipeline::open(
+        &repo().join("tests/fixtures/sd-tiny-fp16"),
+        &single_thread(),
+    )
+    .unwrap();
+    for case in cases()
+        .iter()
+        .filter(|c| c.scheduler == "pndm" || c.scheduler == "euler-a")
+    {
+        let settings = Settings {
+            scheduler: case.scheduler.parse().unwrap(),
+            steps: case.steps,
+            guidance: case.guidance,
+            width: case.width,
+            height: case.height,
+        };
+        let request = Request {
+            prompt: case.prompt.clone(),
+            negative_prompt: case.negative_prompt.clone(),
+            seed: case.seed,
+        };
+        let image = pipeline.generate(&settings, &[request]).unwrap().remove(0);
+        let reference = image::open(reference_dir().join(&case.file))
+            .unwrap()
+            .to_rgb8();
+        let diffs: Vec<i32> = image
+            .pixels
+            .iter()
+            .zip(reference.as_raw())
+            .map(|(&a, &b)| (a as i32 - b as i32).abs())
+            .collect();
+        let max = *diffs.iter().max().unwrap();
+        let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
+        eprintln!(
+            "{} fp16: max pixel difference {max}, mean {mean:.3}",
+            case.id
+        );
+        assert!(
+            max <= FP16_MAX_PIXEL_DIFF && mean <= FP16_MEAN_PIXEL_DIFF,
+            "{}: fp16 image differs from the fp32 reference by max {max}, mean {mean:.3}",
+            case.id
+        );
+    }
+}
+
 #[test]
 fn every_reference_image_matches_diffusers() {
     let mut pipeline = open();

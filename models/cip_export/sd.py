@@ -657,8 +657,9 @@ def save_tiny_source(directory: Path) -> Path:
 
 
 def make_fixture(root: Path) -> None:
-    """tests/fixtures/sd-tiny (exported by this module's CLI path from a save_pretrained directory)
-    and tests/fixtures/reference/sd (diffusers' own outputs for that pipeline)."""
+    """tests/fixtures/sd-tiny (exported by this module's CLI path from a save_pretrained directory),
+    tests/fixtures/sd-tiny-fp16 (the same, --dtype fp16) and tests/fixtures/reference/sd
+    (diffusers' own outputs for that pipeline, in fp32)."""
     import torch
 
     root = Path(root)
@@ -671,6 +672,13 @@ def make_fixture(root: Path) -> None:
             add_arguments(parser)
             args = parser.parse_args(
                 ["--source", str(source), "--out", str(root / "sd-tiny"), "--source-name", FIXTURE_SOURCE_NAME]
+            )
+            export(args)
+            # The same weights exported in fp16: the Rust fp16 path (GPU dtype) is tested on the
+            # CPU against the fp32 references with a tolerance.
+            args = parser.parse_args(
+                ["--source", str(source), "--out", str(root / "sd-tiny-fp16"), "--dtype", "fp16",
+                 "--source-name", FIXTURE_SOURCE_NAME]
             )
             export(args)
             write_references(load_pipeline(str(source)), root / "reference" / "sd")

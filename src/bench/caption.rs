@@ -22,6 +22,8 @@ pub struct CaptionBench {
     pub repeats: usize,
     pub warmup: usize,
     pub profile: Option<PathBuf>,
+    /// Time the reference library too (off: cip alone, e.g. for a profile).
+    pub reference: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -44,14 +46,16 @@ impl CaptionResult {
 impl std::fmt::Display for CaptionResult {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let per_second = |secs: &[f64]| self.batch as f64 / median(secs);
-        writeln!(
-            f,
-            "{}: {:.2} captions/s ({:.2} s/batch, median of {})",
-            self.reference_label,
-            per_second(&self.reference),
-            median(&self.reference),
-            self.reference.len()
-        )?;
+        if !self.reference.is_empty() {
+            writeln!(
+                f,
+                "{}: {:.2} captions/s ({:.2} s/batch, median of {})",
+                self.reference_label,
+                per_second(&self.reference),
+                median(&self.reference),
+                self.reference.len()
+            )?;
+        }
         writeln!(
             f,
             "cip: {:.2} captions/s ({:.2} s/batch, median of {}; vision graph {:.2} s/batch)",
@@ -62,6 +66,9 @@ impl std::fmt::Display for CaptionResult {
         )?;
         for file in &self.profile_files {
             writeln!(f, "ONNX Runtime profile: {}", file.display())?;
+        }
+        if self.reference.is_empty() {
+            return Ok(());
         }
         write!(f, "ratio: cip is {:.2}x transformers", self.ratio())
     }
@@ -89,24 +96,28 @@ pub fn run(bench: &CaptionBench, python: &PythonTool) -> Result<CaptionResult, B
     let threads = bench.threads.to_string();
     let repeats = bench.repeats.to_string();
     let warmup = bench.warmup.to_string();
-    let (reference, reference_label) = run_reference(
-        python,
-        &[
-            "blip2-time",
-            "--dir",
-            &dir,
-            "--batch",
-            &batch,
-            "--new-tokens",
-            &tokens,
-            "--threads",
-            &threads,
-            "--repeats",
-            &repeats,
-            "--warmup",
-            &warmup,
-        ],
-    )?;
+    let (reference, reference_label) = if !bench.reference {
+        (Vec::new(), "transformers (not run)".to_string())
+    } else {
+        run_reference(
+            python,
+            &[
+                "blip2-time",
+                "--dir",
+                &dir,
+                "--batch",
+                &batch,
+                "--new-tokens",
+                &tokens,
+                "--threads",
+                &threads,
+                "--repeats",
+                &repeats,
+                "--warmup",
+                &warmup,
+            ],
+        )?
+    };
 
     let session = SessionConfig {
         intra_threads: Some(bench.threads),

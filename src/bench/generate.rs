@@ -33,6 +33,8 @@ pub struct GenerateBench {
     pub warmup: usize,
     /// Write ONNX Runtime's operator profile with this file prefix.
     pub profile: Option<PathBuf>,
+    /// Time the reference library too (off: cip alone, e.g. for a profile).
+    pub reference: bool,
 }
 
 /// Seconds per image for each side, and cip's split over its graphs (summed over timed runs).
@@ -57,13 +59,15 @@ impl std::fmt::Display for GenerateResult {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let runs = self.cip.len() as f64;
         let g = &self.graphs;
-        writeln!(
-            f,
-            "{}: {:.2} s/image (median of {})",
-            self.reference_label,
-            median(&self.reference),
-            self.reference.len()
-        )?;
+        if !self.reference.is_empty() {
+            writeln!(
+                f,
+                "{}: {:.2} s/image (median of {})",
+                self.reference_label,
+                median(&self.reference),
+                self.reference.len()
+            )?;
+        }
         writeln!(
             f,
             "cip ({}): {:.2} s/image (median of {})",
@@ -82,6 +86,9 @@ impl std::fmt::Display for GenerateResult {
         )?;
         for file in &self.profile_files {
             writeln!(f, "ONNX Runtime profile: {}", file.display())?;
+        }
+        if self.reference.is_empty() {
+            return Ok(());
         }
         write!(f, "ratio: cip is {:.2}x diffusers", self.ratio())
     }
@@ -111,30 +118,34 @@ pub fn run(bench: &GenerateBench, python: &PythonTool) -> Result<GenerateResult,
     let repeats = bench.repeats.to_string();
     let warmup = bench.warmup.to_string();
     let dir = bench.dir.display().to_string();
-    let (reference, reference_label) = run_reference(
-        python,
-        &[
-            "sd15-time",
-            "--dir",
-            &dir,
-            "--prompt",
-            &bench.prompt,
-            "--steps",
-            &steps,
-            "--guidance",
-            &guidance,
-            "--size",
-            &size,
-            "--seed",
-            &seed,
-            "--threads",
-            &threads,
-            "--repeats",
-            &repeats,
-            "--warmup",
-            &warmup,
-        ],
-    )?;
+    let (reference, reference_label) = if !bench.reference {
+        (Vec::new(), "diffusers (not run)".to_string())
+    } else {
+        run_reference(
+            python,
+            &[
+                "sd15-time",
+                "--dir",
+                &dir,
+                "--prompt",
+                &bench.prompt,
+                "--steps",
+                &steps,
+                "--guidance",
+                &guidance,
+                "--size",
+                &size,
+                "--seed",
+                &seed,
+                "--threads",
+                &threads,
+                "--repeats",
+                &repeats,
+                "--warmup",
+                &warmup,
+            ],
+        )?
+    };
 
     let session = SessionConfig {
         intra_threads: Some(bench.threads),

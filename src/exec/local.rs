@@ -233,6 +233,7 @@ fn run_on_devices(
                     },
                     devices: Vec::new(),
                     show_progress: settings.show_progress,
+                    engine_cache: settings.engine_cache.clone(),
                 };
                 let queue = &queue;
                 scope.spawn(move || {

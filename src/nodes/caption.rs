@@ -206,15 +206,21 @@ fn list_images(dir: &Path) -> Result<Vec<Item>, NodeError> {
     Ok(items)
 }
 
-fn session_config(ctx: &RunContext<'_>) -> Result<SessionConfig, NodeError> {
+fn session_config(ctx: &RunContext<'_>, model: &Path) -> Result<SessionConfig, NodeError> {
     let provider: Provider = ctx
         .settings
         .provider
         .parse()
         .map_err(|e: crate::runtime::RuntimeError| NodeError::Failed(e.to_string()))?;
+    let dir = crate::runtime::ModelDir::open(model, None)
+        .map_err(|e| NodeError::Failed(CaptionModelError::from(e).to_string()))?;
     Ok(SessionConfig {
         provider,
         intra_threads: (ctx.settings.threads > 0).then_some(ctx.settings.threads),
+        tensorrt: crate::runtime::TensorRtOptions::for_model(
+            ctx.settings.engine_cache.as_deref(),
+            &dir,
+        ),
         ..SessionConfig::default()
     })
 }
@@ -322,7 +328,7 @@ impl NodeKind for Caption {
             let mut journal = ctx.builder.journal(journal_name)?;
             if captioner.is_none() {
                 captioner = Some(
-                    Captioner::open(&model.family, &model.dir, &session_config(ctx)?)
+                    Captioner::open(&model.family, &model.dir, &session_config(ctx, &model.dir)?)
                         .map_err(model_error)?,
                 );
             }

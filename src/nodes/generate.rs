@@ -20,7 +20,7 @@ use super::{
 use crate::data::table::write_csv;
 use crate::models::sd::pipeline::{Pipeline, Request, RgbImage, Settings};
 use crate::models::sd::schedulers::SchedulerKind;
-use crate::runtime::{Provider, SessionConfig};
+use crate::runtime::{Provider, SessionConfig, TensorRtOptions};
 
 pub struct Generate;
 
@@ -354,8 +354,11 @@ fn open_pipeline(
         .provider
         .parse()
         .map_err(|e: crate::runtime::RuntimeError| NodeError::Failed(e.to_string()))?;
+    let model_dir = crate::runtime::ModelDir::open(&model.dir, None)
+        .map_err(|e| NodeError::Failed(format!("model `{}`: {e}", model.name)))?;
     let session = SessionConfig {
         intra_threads: (ctx.settings.threads > 0).then_some(ctx.settings.threads),
+        tensorrt: TensorRtOptions::for_model(ctx.settings.engine_cache.as_deref(), &model_dir),
         ..SessionConfig::with_provider(provider)
     };
     let pipeline = Pipeline::open(&model.dir, &session)
@@ -445,7 +448,7 @@ pub mod cli {
     use super::{encode, ImageFormat};
     use crate::models::sd::pipeline::{Pipeline, PipelineError, Request, Settings};
     use crate::models::sd::schedulers::SchedulerKind;
-    use crate::runtime::{Provider, SessionConfig};
+    use crate::runtime::{Provider, SessionConfig, TensorRtOptions};
 
     #[derive(Debug, clap::Args)]
     pub struct GenerateArgs {
@@ -479,6 +482,10 @@ pub mod cli {
         /// Threads per operator [default: one per physical core].
         #[arg(long)]
         pub threads: Option<usize>,
+        /// TensorRT engine cache root (engines are kept per model under it) [default:
+        /// $CIP_CACHE/.tensorrt, else .cip/cache/.tensorrt].
+        #[arg(long, value_name = "DIR")]
+        pub engine_cache: Option<PathBuf>,
     }
 
     fn parse_size(text: &str) -> Result<(usize, usize), String> {
@@ -502,8 +509,17 @@ pub mod cli {
     }
 
     pub fn run(args: GenerateArgs) -> Result<(), GenerateCliError> {
+        let engine_root = args.engine_cache.clone().unwrap_or_else(|| {
+            std::env::var_os("CIP_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(".cip/cache"))
+                .join(".tensorrt")
+        });
+        let model_dir = crate::runtime::ModelDir::open(&args.model, None)
+            .map_err(|e| GenerateCliError::Pipeline(e.into()))?;
         let session = SessionConfig {
             intra_threads: args.threads,
+            tensorrt: TensorRtOptions::for_model(Some(&engine_root), &model_dir),
             ..SessionConfig::with_provider(args.provider)
         };
         let mut pipeline = Pipeline::open(&args.model, &session)?;

@@ -106,6 +106,9 @@ pub struct RunSettings {
     pub threads: usize,
     pub devices: Vec<String>,
     pub show_progress: bool,
+    /// Root of TensorRT's engine caches (`<cache root>/.tensorrt`, which cache gc leaves alone);
+    /// building a UNet engine takes minutes, so every run after the first reuses it.
+    pub engine_cache: Option<PathBuf>,
 }
 
 /// Everything a node needs to run. `out` is the entry's partial directory: write outputs there.

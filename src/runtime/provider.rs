@@ -117,6 +117,19 @@ pub struct TensorRtOptions {
     pub engine_cache: Option<PathBuf>,
 }
 
+impl TensorRtOptions {
+    /// Settings for one model: engines go to `<engine_root>/<model digest>` (an engine is built
+    /// for one graph and one GPU, so models must not share a directory), and TensorRT uses fp16
+    /// kernels exactly when the export is fp16 (on an fp32 export they would change results).
+    pub fn for_model(engine_root: Option<&std::path::Path>, dir: &super::ModelDir) -> Self {
+        let digest: String = dir.digest().chars().take(32).collect();
+        TensorRtOptions {
+            fp16: matches!(dir.manifest().dtype.as_str(), "fp16" | "float16"),
+            engine_cache: engine_root.map(|root| root.join(digest)),
+        }
+    }
+}
+
 /// The dispatch list for a GPU provider (empty for the CPU, which ONNX Runtime always has).
 pub(crate) fn execution_providers(
     provider: Provider,

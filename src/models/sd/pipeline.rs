@@ -9,9 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ndarray::{Array2, Array4, ArrayView4};
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
-use ort::value::TensorRef;
+use ort::value::{DynValue, Tensor};
 use serde::Deserialize;
 use thiserror::Error;
 use tokenizers::Tokenizer;
@@ -112,6 +112,59 @@ pub struct Pipeline {
     text_encoder: Session,
     unet: Session,
     vae_decoder: Session,
+    /// Float type of the UNet's and VAE's tensors (fp16 exports take and give float16).
+    precision: Precision,
+    /// Where the text embeddings stay between UNet calls: the GPU for CUDA / TensorRT, so that
+    /// they cross the bus once per batch, not once per step.
+    device: Option<u32>,
+}
+
+/// The float type of a graph's latent and embedding tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    F16,
+}
+
+impl Precision {
+    fn of(dir: &ModelDir, role: &str, input: &str) -> Result<Precision, PipelineError> {
+        let spec = dir.graph(role)?;
+        match spec
+            .inputs
+            .iter()
+            .find(|t| t.name == input)
+            .map(|t| t.dtype.as_str())
+        {
+            Some("float16") => Ok(Precision::F16),
+            _ => Ok(Precision::F32),
+        }
+    }
+
+    /// An owned tensor of this float type from f32 data (fp16 rounds to nearest, as torch's cast).
+    fn tensor(self, shape: Vec<i64>, data: Vec<f32>) -> ort::Result<DynValue> {
+        Ok(match self {
+            Precision::F32 => Tensor::from_array((shape, data))?.into_dyn(),
+            Precision::F16 => Tensor::from_array((
+                shape,
+                data.into_iter()
+                    .map(half::f16::from_f32)
+                    .collect::<Vec<_>>(),
+            ))?
+            .into_dyn(),
+        })
+    }
+}
+
+/// A float tensor's shape and its values as f32, whichever float type the graph gave.
+fn extract_f32(value: &DynValue) -> ort::Result<(Vec<usize>, Vec<f32>)> {
+    if let Ok((shape, data)) = value.try_extract_tensor::<f32>() {
+        return Ok((shape.iter().map(|&d| d as usize).collect(), data.to_vec()));
+    }
+    let (shape, data) = value.try_extract_tensor::<half::f16>()?;
+    Ok((
+        shape.iter().map(|&d| d as usize).collect(),
+        data.iter().map(|x| x.to_f32()).collect(),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -150,7 +203,10 @@ impl Pipeline {
         let text_encoder = dir.session("text_encoder", session)?;
         let unet = dir.session("unet", session)?;
         let vae_decoder = dir.session("vae_decoder", session)?;
+        let precision = Precision::of(&dir, "unet", "sample")?;
         Ok(Pipeline {
+            precision,
+            device: session.provider.device(),
             config,
             unet_levels: unet_json.block_out_channels.len().max(1) as u32,
             tokenizer,
@@ -248,27 +304,47 @@ impl Pipeline {
         Ok(ids)
     }
 
-    /// Text embeddings [n, S, hidden] for the given prompts, flattened.
-    fn encode_text(&mut self, prompts: &[&str]) -> Result<(Vec<f32>, Vec<usize>), PipelineError> {
+    /// Text embeddings `[n, S, hidden]` for the given prompts, as ONNX Runtime holds them: in the
+    /// graph's float type, and on the GPU when the pipeline runs there.
+    fn encode_text(&mut self, prompts: &[&str]) -> Result<DynValue, PipelineError> {
         let max = self.config.text_max_length;
         let mut ids = Vec::with_capacity(prompts.len() * max);
         for prompt in prompts {
             ids.extend(self.tokenize(prompt)?.into_iter().map(|id| id as i32));
         }
-        let ids = Array2::from_shape_vec((prompts.len(), max), ids).expect("ids shape");
+        let error = inference("text_encoder");
+        let ids =
+            Tensor::from_array((vec![prompts.len() as i64, max as i64], ids)).map_err(&error)?;
         let started = Instant::now();
-        let outputs = self
-            .text_encoder
-            .run(ort::inputs![
-                "input_ids" => TensorRef::from_array_view(&ids).map_err(inference("text_encoder"))?
-            ])
-            .map_err(inference("text_encoder"))?;
-        let hidden = outputs["last_hidden_state"]
-            .try_extract_array::<f32>()
-            .map_err(inference("text_encoder"))?;
-        let result = (hidden.iter().copied().collect(), hidden.shape().to_vec());
+        let hidden = match self.device {
+            None => self
+                .text_encoder
+                .run(ort::inputs!["input_ids" => ids])
+                .map_err(&error)?
+                .remove("last_hidden_state"),
+            Some(device) => {
+                let mut binding = self.text_encoder.create_binding().map_err(&error)?;
+                binding.bind_input("input_ids", &ids).map_err(&error)?;
+                binding
+                    .bind_output_to_device(
+                        "last_hidden_state",
+                        &gpu_memory(device).map_err(&error)?,
+                    )
+                    .map_err(&error)?;
+                binding
+                    .bind_output_to_device("pooler_output", &gpu_memory(device).map_err(&error)?)
+                    .map_err(&error)?;
+                // A fresh binding per call: its output buffer is never reused by a later run.
+                let mut outputs = self.text_encoder.run_binding(&binding).map_err(&error)?;
+                outputs.remove("last_hidden_state")
+            }
+        }
+        .ok_or_else(|| PipelineError::Inference {
+            role: "text_encoder",
+            message: "no output `last_hidden_state`".into(),
+        })?;
         self.graph_seconds.text_encoder += started.elapsed().as_secs_f64();
-        Ok(result)
+        Ok(hidden)
     }
 
     /// Makes one image per request, all in one UNet batch (two with CFG: `[uncond..., cond...]`).
@@ -295,12 +371,7 @@ impl Pipeline {
             );
         }
         texts.extend(requests.iter().map(|r| r.prompt.as_str()));
-        let (embeddings, embedding_shape) = self.encode_text(&texts)?;
-        let embeddings = ndarray::ArrayView3::from_shape(
-            (embedding_shape[0], embedding_shape[1], embedding_shape[2]),
-            &embeddings,
-        )
-        .expect("embedding shape");
+        let embeddings = self.encode_text(&texts)?;
 
         let mut scheduler = build(settings.scheduler, &self.scheduler_config)?;
         scheduler.set_timesteps(settings.steps)?;
@@ -320,6 +391,30 @@ impl Pipeline {
         }
 
         let unet_batch = if cfg { 2 * n } else { n };
+        let error = inference("unet");
+        // One binding for the whole loop: the embeddings are bound once (no copy per step, and on
+        // the GPU they stay there); sample and timestep are rebound each step; the output comes
+        // back to host memory, where the scheduler runs.
+        let mut binding = self.unet.create_binding().map_err(&error)?;
+        binding
+            .bind_input("encoder_hidden_states", &embeddings)
+            .map_err(&error)?;
+        let host = MemoryInfo::new(
+            AllocationDevice::CPU,
+            0,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )
+        .map_err(&error)?;
+        binding
+            .bind_output_to_device("out_sample", &host)
+            .map_err(&error)?;
+        let sample_shape = vec![
+            unet_batch as i64,
+            channels as i64,
+            latent_h as i64,
+            latent_w as i64,
+        ];
         for step in 0..scheduler.model_calls() {
             let timestep = scheduler.timesteps()[step];
             let scaled = scheduler.scale_model_input(&latents, step)?;
@@ -328,23 +423,19 @@ impl Pipeline {
                 sample.extend_from_slice(&scaled);
             }
             sample.extend_from_slice(&scaled);
-            let sample = Array4::from_shape_vec((unet_batch, channels, latent_h, latent_w), sample)
-                .expect("sample shape");
-            let timesteps = ndarray::Array1::from_elem(unet_batch, timestep);
+            let sample = self
+                .precision
+                .tensor(sample_shape.clone(), sample)
+                .map_err(&error)?;
+            let timesteps =
+                Tensor::from_array((vec![unet_batch as i64], vec![timestep; unet_batch]))
+                    .map_err(&error)?;
+            binding.bind_input("sample", &sample).map_err(&error)?;
+            binding.bind_input("timestep", &timesteps).map_err(&error)?;
             let started = Instant::now();
-            let outputs = self
-                .unet
-                .run(ort::inputs![
-                    "sample" => TensorRef::from_array_view(&sample).map_err(inference("unet"))?,
-                    "timestep" => TensorRef::from_array_view(&timesteps).map_err(inference("unet"))?,
-                    "encoder_hidden_states" =>
-                        TensorRef::from_array_view(embeddings.view()).map_err(inference("unet"))?,
-                ])
-                .map_err(inference("unet"))?;
-            let predicted = outputs["out_sample"]
-                .try_extract_array::<f32>()
-                .map_err(inference("unet"))?;
-            let predicted: Vec<f32> = predicted.iter().copied().collect();
+            let outputs = self.unet.run_binding(&binding).map_err(&error)?;
+            let (_, predicted) = extract_f32(&outputs["out_sample"]).map_err(&error)?;
+            drop(outputs);
             self.graph_seconds.unet += started.elapsed().as_secs_f64();
             self.graph_seconds.unet_calls += 1;
             let noise_prediction: Vec<f32> = if cfg {
@@ -362,21 +453,26 @@ impl Pipeline {
 
         let scaling = self.config.vae_scaling_factor;
         let latents: Vec<f32> = latents.into_iter().map(|x| x / scaling).collect();
-        let latents = ArrayView4::from_shape((n, channels, latent_h, latent_w), &latents)
-            .expect("latent shape");
+        let error = inference("vae_decoder");
+        let latents = self
+            .precision
+            .tensor(
+                vec![n as i64, channels as i64, latent_h as i64, latent_w as i64],
+                latents,
+            )
+            .map_err(&error)?;
         let started = Instant::now();
         let outputs = self
             .vae_decoder
-            .run(ort::inputs![
-                "latent_sample" => TensorRef::from_array_view(latents).map_err(inference("vae_decoder"))?
-            ])
-            .map_err(inference("vae_decoder"))?;
-        let decoded = outputs["sample"]
-            .try_extract_array::<f32>()
-            .map_err(inference("vae_decoder"))?;
+            .run(ort::inputs!["latent_sample" => latents])
+            .map_err(&error)?;
+        let (shape, decoded) = extract_f32(&outputs["sample"]).map_err(&error)?;
+        drop(outputs);
         self.graph_seconds.vae_decoder += started.elapsed().as_secs_f64();
-        let shape = decoded.shape().to_vec();
         let (height, width) = (shape[2], shape[3]);
+        let decoded =
+            ndarray::ArrayView4::from_shape((shape[0], shape[1], height, width), &decoded)
+                .expect("decoded shape");
         let mut images = Vec::with_capacity(n);
         for index in 0..n {
             let mut pixels = Vec::with_capacity(height * width * 3);
@@ -395,6 +491,17 @@ impl Pipeline {
         }
         Ok(images)
     }
+}
+
+/// Device memory of CUDA GPU `device`, where ONNX Runtime's CUDA and TensorRT providers keep
+/// tensors.
+fn gpu_memory(device: u32) -> ort::Result<MemoryInfo<'static>> {
+    MemoryInfo::new(
+        AllocationDevice::CUDA,
+        device as i32,
+        AllocatorType::Device,
+        MemoryType::Default,
+    )
 }
 
 /// diffusers' postprocess: `(x / 2 + 0.5).clamp(0, 1)`, then `round(x * 255)` (in float32).
