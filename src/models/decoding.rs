@@ -511,6 +511,9 @@ pub(crate) struct DecoderState {
     pub mask: Vec<Vec<i64>>,
     pub next_position: Vec<i64>,
     pub cache: Vec<CacheTensor>,
+    /// A cache tensor that could not be brought to the host for row selection; reported by the
+    /// next [`DecoderState::run`] (row selection itself cannot fail in the decoding loop's API).
+    selection_error: Option<String>,
 }
 
 impl DecoderState {
@@ -522,16 +525,19 @@ impl DecoderState {
             cache: (0..2 * layers)
                 .map(|_| CacheTensor::Host(RowTensor::empty_cache(rows, heads, head_dim)))
                 .collect(),
+            selection_error: None,
         }
     }
 
     /// Row i becomes former row `sources[i]`. A cache tensor ONNX Runtime cannot hand back as
-    /// float32 is a broken graph; [`DecoderState::run`] reports it, so it is left as it is here.
+    /// float32 means a broken graph; the next [`DecoderState::run`] fails with the reason.
     pub fn select_rows(&mut self, sources: &[usize]) {
         self.mask = sources.iter().map(|&s| self.mask[s].clone()).collect();
         self.next_position = sources.iter().map(|&s| self.next_position[s]).collect();
         for c in &mut self.cache {
-            let _ = c.select_rows(sources);
+            if let Err(e) = c.select_rows(sources) {
+                self.selection_error.get_or_insert_with(|| e.to_string());
+            }
         }
     }
 
@@ -579,6 +585,13 @@ impl DecoderState {
             graph: "decoder".into(),
             message: format!("output `{name}` is missing"),
         };
+        if let Some(message) = self.selection_error.take() {
+            return Err(CaptionModelError::Graph {
+                model: model.to_string(),
+                graph: "decoder".into(),
+                message: format!("cannot reorder the key/value cache: {message}"),
+            });
+        }
         let rows = self.mask.len();
         let total = self.mask.first().map_or(0, |m| m.len());
         let sequence = positions.len() / rows.max(1);
