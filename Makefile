@@ -9,7 +9,7 @@ CARGO ?= cargo
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test test-rust test-python parity demo build fixtures bench-plan clean-cache
+.PHONY: setup test test-rust test-python parity demo build fixtures bench-plan bench-train clean-cache
 
 # The venv carries onnxruntime's shared library (cip finds it in .venv on its own) and the pinned
 # export/reference stack. The stamp makes reruns free until requirements change.
@@ -49,3 +49,8 @@ demo: setup build
 # `cip plan` over a fully cached 1.3 M-item experiment (see README, Performance).
 bench-plan: build
 	./target/release/cip bench plan --items 1300000
+
+# Train-step images/s, cip (ONNX Runtime) vs PyTorch eager, ResNet-18 b32 64px and ResNet-50 b16
+# 112px. The first run exports both models into target/bench-train (minutes).
+bench-train: build setup
+	./target/release/cip bench train --steps 10
