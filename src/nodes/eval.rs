@@ -1,8 +1,9 @@
 //! eval: a trained classifier + test sets -> top-1 / top-5 accuracy per test set.
 //!
 //! Test images map to classifier outputs by class folder id (WordNet id): output i is line i of
-//! the classifier's `classes.txt`. Test classes the classifier never saw are not scored (counted
-//! as `skipped`). `mask` names a class file whose classes alone compete (e.g. an ImageNet-100
+//! the classifier's `classes.txt`. A test class the classifier never saw is an error naming it
+//! (usually a wrong split or class mapping); `skip_unknown_classes = true` leaves such images out
+//! instead (counted as `skipped`). `mask` names a class file whose classes alone compete (e.g. an ImageNet-100
 //! subset evaluated with a 1000-way head).
 //!
 //! With a `members` input (the classifier's training split) the node also runs the
@@ -12,7 +13,7 @@
 pub mod classify;
 mod membership;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -42,6 +43,8 @@ pub struct EvalParams {
     /// Test set (metrics.json name) used as non-members by the membership attack.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonmembers: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skip_unknown_classes: bool,
 }
 
 fn default_batch_size() -> usize {
@@ -107,6 +110,7 @@ impl NodeKind for Eval {
             "interpolation",
             "batch_size",
             "nonmembers",
+            "skip_unknown_classes",
         ]
     }
     fn speed_only(&self) -> &'static [&'static str] {
@@ -195,6 +199,20 @@ impl NodeKind for Eval {
             let (scored, skipped): (Vec<_>, Vec<_>) = images
                 .iter()
                 .partition(|i| index_of.contains_key(i.class.as_str()));
+            if !skipped.is_empty() && !p.skip_unknown_classes {
+                let unknown: BTreeSet<&str> = skipped.iter().map(|i| i.class.as_str()).collect();
+                let unknown: Vec<&str> = unknown.into_iter().collect();
+                return Err(NodeError::Failed(format!(
+                    "node `{}`: test set {name} has class{} {}, which the classifier ({}) lacks; it knows {} classes: {}{}; check the split and the classifier, or set skip_unknown_classes = true to leave those images out",
+                    ctx.node,
+                    if unknown.len() == 1 { "" } else { "es" },
+                    unknown.join(", "),
+                    test_set_name(&classifier.origin),
+                    classes.len(),
+                    classes.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+                    if classes.len() > 5 { ", ..." } else { "" },
+                )));
+            }
             let (mut top1, mut top5) = (0u64, 0u64);
             let mut per_class: BTreeMap<&str, (u64, u64, u64)> = BTreeMap::new();
             let mut confusion: BTreeMap<(&str, usize), u64> = BTreeMap::new();

@@ -302,6 +302,14 @@ impl NodeKind for Train {
                 classes.len()
             )));
         }
+        if images.is_empty() {
+            let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
+            return Err(NodeError::Failed(format!(
+                "node `{}`: no training images in {}; check that data names the right split and that it holds images",
+                ctx.node,
+                names.join(", ")
+            )));
+        }
         if images.len() < config.min_train_batch {
             return Err(NodeError::Failed(format!(
                 "node `{}`: {} training images, but one SGD step needs at least {} (BatchNorm in train mode)",
