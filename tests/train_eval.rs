@@ -355,43 +355,59 @@ fn train_then_eval_then_cached_rerun() {
     assert_eq!(summary(&second), (0, 2, 0));
 }
 
+/// The epoch of the train node's checkpoint, once there is one.
+fn checkpoint_epoch(cache: &Path) -> Option<u32> {
+    let file = walk(&cache.join("train"))
+        .into_iter()
+        .find(|f| f.ends_with("checkpoint/state.safetensors"))?;
+    let bytes = std::fs::read(&file).ok()?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).ok()?;
+    meta.metadata().as_ref()?.get("epoch")?.parse().ok()
+}
+
 #[test]
-fn kill_9_during_training_resumes_to_identical_weights() {
-    let epochs = 40;
-    let reference = toy_project(4, epochs, 4);
+fn kill_9_during_epoch_3_of_5_resumes_to_identical_weights() {
+    let epochs = 5;
+    // 160 images in batches of 4: an epoch lasts long enough to be caught in the middle.
+    let project = || {
+        let dir = tempfile::tempdir().unwrap();
+        draw_split(&dir.path().join("data"), "train", 4, 40);
+        draw_split(&dir.path().join("data"), "val", 4, 2);
+        std::fs::write(dir.path().join("exp.toml"), experiment(epochs, 4)).unwrap();
+        dir
+    };
+    let reference = project();
     let done = cip_ort(reference.path(), &["run", "exp.toml"]);
     assert!(done.status.success(), "{}", stderr(&done));
 
-    let p = toy_project(4, epochs, 4);
+    let p = project();
     let mut child = ort_command(p.path(), &["run", "exp.toml", "-q"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let cache = p.path().join(".cip/cache");
-    let checkpoint_exists = || {
-        std::fs::read_dir(cache.join("train"))
-            .map(|rd| {
-                rd.flatten()
-                    .any(|e| e.path().join("checkpoint/state.safetensors").is_file())
-            })
-            .unwrap_or(false)
-    };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !checkpoint_exists() {
-        assert!(Instant::now() < deadline, "no checkpoint appeared");
-        std::thread::sleep(Duration::from_millis(10));
+    let deadline = Instant::now() + Duration::from_secs(300);
+    // The checkpoint of epoch 2 is written as epoch 3 starts.
+    while checkpoint_epoch(&cache).is_none_or(|e| e < 2) {
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint of epoch 2 appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    assert!(
-        entries(&cache, "train").is_empty(),
-        "training finished before the kill; raise epochs"
+    assert_eq!(
+        checkpoint_epoch(&cache),
+        Some(2),
+        "the kill must land in epoch 3"
     );
+    assert!(entries(&cache, "train").is_empty());
     let rerun = cip_ort(p.path(), &["run", "exp.toml"]);
     assert!(rerun.status.success(), "{}", stderr(&rerun));
     assert!(
-        stderr(&rerun).contains("resuming after epoch"),
+        stderr(&rerun).contains("resuming after epoch 2"),
         "the rerun must start from the checkpoint:\n{}",
         stderr(&rerun)
     );
