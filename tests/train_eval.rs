@@ -149,6 +149,62 @@ fn train_step_matches_torch_sgd() {
     eprintln!("worst relative errors: {worst:?}");
 }
 
+/// Ten steps chained in Rust over the batch sequence index.json names, against torch's tenth.
+#[test]
+fn ten_chained_steps_stay_within_1e_4_of_torch() {
+    let index = index();
+    let tol = index["tolerance"]["ten_steps"].as_f64().unwrap();
+    assert!(tol <= 1e-4);
+    let case = index["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["kind"] == "train_steps")
+        .expect("index.json has a ten-step case");
+    let mut classifier =
+        Classifier::open(&fixtures().join("resnet-tiny"), single_thread()).unwrap();
+    let names = classifier.state_names();
+    let mut state = TrainState::read(
+        &reference().join(case["state_in"].as_str().unwrap()),
+        &names,
+        "",
+    )
+    .unwrap();
+    let s = &case["scalars"];
+    let f = |k: &str| s[k].as_f64().unwrap() as f32;
+    let scalars = StepScalars {
+        lr: f("lr"),
+        momentum: f("momentum"),
+        weight_decay: f("weight_decay"),
+        nesterov: f("nesterov") != 0.0,
+        label_smoothing: f("label_smoothing"),
+    };
+    let batches = case["batches"].as_array().unwrap();
+    assert_eq!(batches.len(), 10);
+    let expected_file = reference().join(case["file"].as_str().unwrap());
+    let want_losses = tensor(&expected_file, "losses");
+    for (step, batch) in batches.iter().enumerate() {
+        let batch = reference().join(batch.as_str().unwrap());
+        let images = tensor(&batch, "images")
+            .into_dimensionality::<Ix4>()
+            .unwrap();
+        let loss = classifier
+            .train_step(&mut state, images.view(), &labels(&batch), scalars)
+            .unwrap();
+        let want = want_losses[[step]];
+        let err = ((loss - want) / want).abs() as f64;
+        assert!(err <= tol, "step {}: loss {loss} vs torch {want}", step + 1);
+    }
+    let expected = TrainState::read(&expected_file, &names, "new.").unwrap();
+    let mut worst = 0f64;
+    for ((name, got), (_, want)) in state.tensors.iter().zip(&expected.tensors) {
+        let err = relative_error(got, want);
+        assert!(err <= tol, "{name} off by {err:e} after ten steps");
+        worst = worst.max(err);
+    }
+    eprintln!("ten steps: worst relative error {worst:e}");
+}
+
 #[test]
 fn forward_and_written_forward_model_match_torch_logits() {
     let index = index();
