@@ -1018,3 +1018,20 @@ fn a_test_class_the_classifier_lacks_is_named() {
         serde_json::from_slice(&std::fs::read(eval.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(metrics["toy.val"]["skipped"], 1, "{metrics}");
 }
+
+#[test]
+fn eval_center_crop_is_a_different_evaluation() {
+    let p = toy_project(3, 1, 6);
+    let out = cip_ort(p.path(), &["run", "exp.toml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let exp = experiment(1, 6).replace(
+        "test = [\"toy.val\"]\n",
+        "test = [\"toy.val\"]\nresize = { mode = \"center_crop\", crop_pct = 0.875 }\n",
+    );
+    std::fs::write(p.path().join("exp.toml"), exp).unwrap();
+    let out = cip_ort(p.path(), &["run", "exp.toml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Train cached, eval rerun under its own key.
+    assert_eq!(summary(&out), (1, 1, 0));
+    assert_eq!(entries(&p.path().join(".cip/cache"), "eval").len(), 2);
+}

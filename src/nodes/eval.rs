@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::train::artifact_images;
 use super::{ArtifactType, InputSlot, NodeError, NodeKind, ParamError, RunContext, RunSummary};
-use crate::data::augment::{self, Interpolation};
+use crate::data::augment::{self, EvalResize, Interpolation};
 use crate::data::table::write_csv;
 use crate::models::classifier::{forward_logits, ClassifierConfig};
 use crate::runtime::{Family, ModelDir, SessionConfig};
@@ -45,6 +45,13 @@ pub struct EvalParams {
     pub nonmembers: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub skip_unknown_classes: bool,
+    /// `{ mode = "square" }` (default, the paper) or `{ mode = "center_crop", crop_pct = 0.875 }`.
+    #[serde(default, skip_serializing_if = "is_square")]
+    pub resize: EvalResize,
+}
+
+fn is_square(r: &EvalResize) -> bool {
+    *r == EvalResize::Square
 }
 
 fn default_batch_size() -> usize {
@@ -111,6 +118,7 @@ impl NodeKind for Eval {
             "batch_size",
             "nonmembers",
             "skip_unknown_classes",
+            "resize",
         ]
     }
     fn speed_only(&self) -> &'static [&'static str] {
@@ -122,6 +130,14 @@ impl NodeKind for Eval {
     fn resolve_params(&self, table: &toml::Table) -> Result<serde_json::Value, ParamError> {
         let value = super::resolve_typed::<EvalParams>(table)?;
         let p: EvalParams = serde_json::from_value(value.clone()).unwrap();
+        if let EvalResize::CenterCrop { crop_pct } = p.resize {
+            if !(crop_pct > 0.0 && crop_pct <= 1.0) {
+                return Err(ParamError {
+                    key: Some("resize.crop_pct".into()),
+                    message: format!("{crop_pct} must be within (0, 1]"),
+                });
+            }
+        }
         if p.batch_size == 0 {
             return Err(ParamError {
                 key: Some("batch_size".into()),
@@ -218,10 +234,11 @@ impl NodeKind for Eval {
             let mut confusion: BTreeMap<(&str, usize), u64> = BTreeMap::new();
             for chunk in scored.chunks(p.batch_size.max(1)) {
                 let paths: Vec<&Path> = chunk.iter().map(|i| i.path.as_path()).collect();
-                let batch = augment::eval_batch(
+                let batch = augment::eval_batch_with(
                     &paths,
                     config.image_size,
                     p.interpolation,
+                    p.resize,
                     config.mean,
                     config.std,
                 )
@@ -305,7 +322,7 @@ impl NodeKind for Eval {
                 &mut session,
                 dir.root(),
                 &config,
-                p.interpolation,
+                (p.interpolation, p.resize),
                 p.batch_size,
                 &known,
                 &index_of,

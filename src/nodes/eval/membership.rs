@@ -11,7 +11,7 @@ use ort::session::Session;
 
 use super::super::train::LabelledImage;
 use super::super::NodeError;
-use crate::data::augment::{self, Interpolation};
+use crate::data::augment::{self, EvalResize, Interpolation};
 use crate::data::table::write_csv;
 use crate::models::classifier::{forward_logits, ClassifierConfig};
 
@@ -99,7 +99,7 @@ pub fn score_images(
     session: &mut Session,
     dir: &Path,
     config: &ClassifierConfig,
-    interpolation: Interpolation,
+    (interpolation, resize): (Interpolation, EvalResize),
     batch_size: usize,
     images: &[&LabelledImage],
     index_of: &std::collections::HashMap<&str, usize>,
@@ -108,10 +108,11 @@ pub fn score_images(
     let mut scores = Vec::with_capacity(images.len());
     for chunk in images.chunks(batch_size.max(1)) {
         let paths: Vec<&Path> = chunk.iter().map(|i| i.path.as_path()).collect();
-        let batch = augment::eval_batch(
+        let batch = augment::eval_batch_with(
             &paths,
             config.image_size,
             interpolation,
+            resize,
             config.mean,
             config.std,
         )
