@@ -183,6 +183,26 @@ enum BenchCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Train-step images/s of ResNet-18 (batch 32, 64px) and ResNet-50 (batch 16, 112px):
+    /// cip through ONNX Runtime against PyTorch eager, same threads, one after the other.
+    Train {
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Threads for both [default: every core].
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Where the exported models are kept between runs (exports take minutes).
+        #[arg(long, default_value = "target/bench-train")]
+        dir: PathBuf,
+        /// Python with torch (the export tool's venv).
+        #[arg(long, default_value = ".venv/bin/python")]
+        python: PathBuf,
+        /// Only this arch (resnet18 or resnet50).
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// cip's SD pipeline vs diffusers on the full-size SD-1.5 architecture (random weights).
     Generate {
         /// Benchmark model cache (exported once, reused).
@@ -619,6 +639,36 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 bench.threads
             );
             println!("{result}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Train {
+            steps,
+            warmup,
+            threads,
+            dir,
+            python,
+            only,
+        }) => {
+            let threads = threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let repo = std::env::current_dir()?;
+            let mut ratios = Vec::new();
+            for case in cip::bench::TRAIN_CASES {
+                if only.as_deref().is_some_and(|o| o != case.0) {
+                    continue;
+                }
+                let b =
+                    cip::bench::train(&python, &repo, &dir, case, steps.max(1), warmup, threads)?;
+                let (ours, theirs) = (b.cip_images_per_sec(), b.torch_images_per_sec());
+                println!(
+                    "{} batch {} at {}px, {} threads, {} steps: cip {:.1} images/s, torch {:.1} images/s, ratio {:.2}",
+                    b.arch, b.batch, b.image_size, b.threads, b.cip_step_secs.len(), ours, theirs, ours / theirs
+                );
+                ratios.push(ours / theirs);
+            }
+            if ratios.is_empty() {
+                anyhow::bail!("--only names neither resnet18 nor resnet50");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Data { cmd } => {

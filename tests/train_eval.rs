@@ -149,6 +149,62 @@ fn train_step_matches_torch_sgd() {
     eprintln!("worst relative errors: {worst:?}");
 }
 
+/// Ten steps chained in Rust over the batch sequence index.json names, against torch's tenth.
+#[test]
+fn ten_chained_steps_stay_within_1e_4_of_torch() {
+    let index = index();
+    let tol = index["tolerance"]["ten_steps"].as_f64().unwrap();
+    assert!(tol <= 1e-4);
+    let case = index["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["kind"] == "train_steps")
+        .expect("index.json has a ten-step case");
+    let mut classifier =
+        Classifier::open(&fixtures().join("resnet-tiny"), single_thread()).unwrap();
+    let names = classifier.state_names();
+    let mut state = TrainState::read(
+        &reference().join(case["state_in"].as_str().unwrap()),
+        &names,
+        "",
+    )
+    .unwrap();
+    let s = &case["scalars"];
+    let f = |k: &str| s[k].as_f64().unwrap() as f32;
+    let scalars = StepScalars {
+        lr: f("lr"),
+        momentum: f("momentum"),
+        weight_decay: f("weight_decay"),
+        nesterov: f("nesterov") != 0.0,
+        label_smoothing: f("label_smoothing"),
+    };
+    let batches = case["batches"].as_array().unwrap();
+    assert_eq!(batches.len(), 10);
+    let expected_file = reference().join(case["file"].as_str().unwrap());
+    let want_losses = tensor(&expected_file, "losses");
+    for (step, batch) in batches.iter().enumerate() {
+        let batch = reference().join(batch.as_str().unwrap());
+        let images = tensor(&batch, "images")
+            .into_dimensionality::<Ix4>()
+            .unwrap();
+        let loss = classifier
+            .train_step(&mut state, images.view(), &labels(&batch), scalars)
+            .unwrap();
+        let want = want_losses[[step]];
+        let err = ((loss - want) / want).abs() as f64;
+        assert!(err <= tol, "step {}: loss {loss} vs torch {want}", step + 1);
+    }
+    let expected = TrainState::read(&expected_file, &names, "new.").unwrap();
+    let mut worst = 0f64;
+    for ((name, got), (_, want)) in state.tensors.iter().zip(&expected.tensors) {
+        let err = relative_error(got, want);
+        assert!(err <= tol, "{name} off by {err:e} after ten steps");
+        worst = worst.max(err);
+    }
+    eprintln!("ten steps: worst relative error {worst:e}");
+}
+
 #[test]
 fn forward_and_written_forward_model_match_torch_logits() {
     let index = index();
@@ -355,43 +411,59 @@ fn train_then_eval_then_cached_rerun() {
     assert_eq!(summary(&second), (0, 2, 0));
 }
 
+/// The epoch of the train node's checkpoint, once there is one.
+fn checkpoint_epoch(cache: &Path) -> Option<u32> {
+    let file = walk(&cache.join("train"))
+        .into_iter()
+        .find(|f| f.ends_with("checkpoint/state.safetensors"))?;
+    let bytes = std::fs::read(&file).ok()?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).ok()?;
+    meta.metadata().as_ref()?.get("epoch")?.parse().ok()
+}
+
 #[test]
-fn kill_9_during_training_resumes_to_identical_weights() {
-    let epochs = 40;
-    let reference = toy_project(4, epochs, 4);
+fn kill_9_during_epoch_3_of_5_resumes_to_identical_weights() {
+    let epochs = 5;
+    // 160 images in batches of 4: an epoch lasts long enough to be caught in the middle.
+    let project = || {
+        let dir = tempfile::tempdir().unwrap();
+        draw_split(&dir.path().join("data"), "train", 4, 40);
+        draw_split(&dir.path().join("data"), "val", 4, 2);
+        std::fs::write(dir.path().join("exp.toml"), experiment(epochs, 4)).unwrap();
+        dir
+    };
+    let reference = project();
     let done = cip_ort(reference.path(), &["run", "exp.toml"]);
     assert!(done.status.success(), "{}", stderr(&done));
 
-    let p = toy_project(4, epochs, 4);
+    let p = project();
     let mut child = ort_command(p.path(), &["run", "exp.toml", "-q"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let cache = p.path().join(".cip/cache");
-    let checkpoint_exists = || {
-        std::fs::read_dir(cache.join("train"))
-            .map(|rd| {
-                rd.flatten()
-                    .any(|e| e.path().join("checkpoint/state.safetensors").is_file())
-            })
-            .unwrap_or(false)
-    };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !checkpoint_exists() {
-        assert!(Instant::now() < deadline, "no checkpoint appeared");
-        std::thread::sleep(Duration::from_millis(10));
+    let deadline = Instant::now() + Duration::from_secs(300);
+    // The checkpoint of epoch 2 is written as epoch 3 starts.
+    while checkpoint_epoch(&cache).is_none_or(|e| e < 2) {
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint of epoch 2 appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    assert!(
-        entries(&cache, "train").is_empty(),
-        "training finished before the kill; raise epochs"
+    assert_eq!(
+        checkpoint_epoch(&cache),
+        Some(2),
+        "the kill must land in epoch 3"
     );
+    assert!(entries(&cache, "train").is_empty());
     let rerun = cip_ort(p.path(), &["run", "exp.toml"]);
     assert!(rerun.status.success(), "{}", stderr(&rerun));
     assert!(
-        stderr(&rerun).contains("resuming after epoch"),
+        stderr(&rerun).contains("resuming after epoch 2"),
         "the rerun must start from the checkpoint:\n{}",
         stderr(&rerun)
     );
@@ -401,10 +473,15 @@ fn kill_9_during_training_resumes_to_identical_weights() {
 }
 
 fn failure(p: &Path) -> String {
+    failure_at(p, "clf")
+}
+
+/// The error line of `node` from a failing `cip run`.
+fn failure_at(p: &Path, node: &str) -> String {
     let out = cip_ort(p, &["run", "exp.toml"]);
     assert!(!out.status.success(), "must fail:\n{}", stdout(&out));
     let text = stderr(&out);
-    let start = text.find("node `clf`").unwrap_or(0);
+    let start = text.find(&format!("node `{node}`")).unwrap_or(0);
     let line = text[start..].lines().next().unwrap_or("").to_string();
     line.replace(
         &fixtures().join("resnet-tiny").display().to_string(),
@@ -796,4 +873,165 @@ fn classify_errors() {
         let text = stderr(&out).replace(&fixtures().display().to_string(), "<fixtures>");
         insta::assert_snapshot!(format!("classify_error_{name}"), text);
     }
+}
+
+// ---- learning and the remaining errors ----
+
+/// Horizontal (class 1) or vertical (class 2) stripes: random period, phase and colours, plus
+/// pixel noise. Crops and horizontal flips keep the orientation, so the label stays true.
+fn draw_stripes(root: &Path, split: &str, per_class: usize, seed: u64) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    for (c, horizontal) in [(1, true), (2, false)] {
+        let dir = root.join(split).join(format!("n{c:08}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..per_class {
+            let period = rng.random_range(4..=8u32);
+            let phase = rng.random_range(0..period);
+            let dark: [u8; 3] = [
+                rng.random_range(0..90),
+                rng.random_range(0..90),
+                rng.random_range(0..90),
+            ];
+            let light: [u8; 3] = [
+                rng.random_range(160..=255),
+                rng.random_range(160..=255),
+                rng.random_range(160..=255),
+            ];
+            let noise: Vec<u8> = (0..40 * 40).map(|_| rng.random_range(0..30)).collect();
+            let img = image::RgbImage::from_fn(40, 40, |x, y| {
+                let along = if horizontal { y } else { x };
+                let base = if (along + phase) % period < period / 2 {
+                    dark
+                } else {
+                    light
+                };
+                let n = noise[(y * 40 + x) as usize];
+                image::Rgb(base.map(|v| v.saturating_add(n)))
+            });
+            img.save(dir.join(format!("img{i}.png"))).unwrap();
+        }
+    }
+}
+
+#[test]
+fn training_learns_stripe_orientation() {
+    let p = tempfile::tempdir().unwrap();
+    draw_stripes(&p.path().join("data"), "train", 48, 1);
+    draw_stripes(&p.path().join("data"), "val", 30, 2);
+    let exp =
+        experiment(12, 16).replace("batch_size = 16\n", "batch_size = 16\nmilestones = [8]\n");
+    std::fs::write(p.path().join("exp.toml"), exp).unwrap();
+    let out = cip_ort(p.path(), &["run", "exp.toml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let eval = &entries(&p.path().join(".cip/cache"), "eval")[0];
+    let metrics: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(eval.join("metrics.json")).unwrap()).unwrap();
+    let top1 = metrics["toy.val"]["top1"].as_f64().unwrap();
+    let train = &entries(&p.path().join(".cip/cache"), "train")[0];
+    let log = std::fs::read_to_string(train.join("train_log.csv")).unwrap();
+    assert!(top1 >= 95.0, "top-1 {top1} on 60 held-out images\n{log}");
+    assert_eq!(metrics["toy.val"]["n"], 60);
+}
+
+#[test]
+fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
+    // lr 0.1 for two epochs, then x1e30: the third epoch diverges.
+    let p = toy_project(3, 4, 6);
+    let exp = experiment(4, 6).replace(
+        "batch_size = 6\n",
+        "batch_size = 6\nmilestones = [2]\ngamma = 1e30\n",
+    );
+    std::fs::write(p.path().join("exp.toml"), exp).unwrap();
+    let out = cip_ort(p.path(), &["run", "exp.toml"]);
+    assert!(!out.status.success());
+    let text = stderr(&out);
+    let line = text
+        .lines()
+        .find(|l| l.contains("loss became"))
+        .unwrap_or_else(|| panic!("{text}"));
+    // Whether the blow-up shows as inf or NaN first is the CPU's business.
+    let line = line[line.rfind("node `clf`").unwrap()..].replace("became inf", "became NaN");
+    insta::assert_snapshot!(line);
+    let checkpoint = walk(&p.path().join(".cip/cache/train"))
+        .into_iter()
+        .find(|f| f.ends_with("checkpoint/state.safetensors"))
+        .expect("the checkpoint of epoch 2 stays");
+    let bytes = std::fs::read(&checkpoint).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    assert_eq!(meta.metadata().as_ref().unwrap()["epoch"], "2");
+    let state = TrainState::read(
+        &checkpoint,
+        &Classifier::open(&fixtures().join("resnet-tiny"), single_thread())
+            .unwrap()
+            .state_names(),
+        "",
+    )
+    .unwrap();
+    assert!(state
+        .tensors
+        .iter()
+        .all(|(_, t)| t.iter().all(|v| v.is_finite())));
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+#[test]
+fn empty_training_set_is_an_error() {
+    let p = toy_project(2, 1, 4);
+    let train = p.path().join("data/train");
+    std::fs::remove_dir_all(&train).unwrap();
+    std::fs::create_dir_all(train.join("n00000001")).unwrap();
+    // An empty split directory: the dataset check stops the run before any node starts.
+    insta::assert_snapshot!("empty_split_directory", failure(p.path()));
+    // A split whose manifest lists no images reaches the node.
+    std::fs::write(train.join("manifest.csv"), "path,class\n").unwrap();
+    insta::assert_snapshot!("empty_manifest", failure(p.path()));
+}
+
+#[test]
+fn a_test_class_the_classifier_lacks_is_named() {
+    let p = toy_project(3, 1, 6);
+    draw_split(&p.path().join("data"), "val", 4, 1);
+    insta::assert_snapshot!(failure_at(p.path(), "score"));
+    // Told to, eval leaves them out and counts them.
+    let exp = experiment(1, 6).replace(
+        "test = [\"toy.val\"]\n",
+        "test = [\"toy.val\"]\nskip_unknown_classes = true\n",
+    );
+    std::fs::write(p.path().join("exp.toml"), exp).unwrap();
+    let out = cip_ort(p.path(), &["run", "exp.toml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let eval = &entries(&p.path().join(".cip/cache"), "eval")[0];
+    let metrics: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(eval.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics["toy.val"]["skipped"], 1, "{metrics}");
+}
+
+#[test]
+fn eval_center_crop_is_a_different_evaluation() {
+    let p = toy_project(3, 1, 6);
+    let out = cip_ort(p.path(), &["run", "exp.toml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let exp = experiment(1, 6).replace(
+        "test = [\"toy.val\"]\n",
+        "test = [\"toy.val\"]\nresize = { mode = \"center_crop\", crop_pct = 0.875 }\n",
+    );
+    std::fs::write(p.path().join("exp.toml"), exp).unwrap();
+    let out = cip_ort(p.path(), &["run", "exp.toml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Train cached, eval rerun under its own key.
+    assert_eq!(summary(&out), (1, 1, 0));
+    assert_eq!(entries(&p.path().join(".cip/cache"), "eval").len(), 2);
 }

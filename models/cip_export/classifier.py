@@ -71,6 +71,8 @@ REFERENCE_WEIGHT_DECAY = 5e-4
 # The two consecutive reference steps use different batch sizes, so that a consumer also exercises
 # the dynamic batch dimension.
 REFERENCE_BATCHES = (8, 10)
+# The long-run reference: this many steps over the two reference batches in turn (1, 2, 1, 2, ...).
+TEN_STEPS = 10
 FORWARD_REFERENCE_BATCH = 4
 
 
@@ -777,6 +779,41 @@ def make_fixture(root: Path) -> None:
                 if not nesterov and label_smoothing == 0.0:
                     trained_after_two = results[-1]
 
+        # (5) ten chained steps (plain SGD variant): errors compounding over a run, as training
+        # chains them. Only the final state and every step's loss are kept (size budget).
+        ten_model = build_model("resnet-tiny", FIXTURE_CLASSES, FIXTURE_SEED)
+        load_train_state(ten_model, layout, initial)
+        sequence = [batches[i % len(batches)] for i in range(TEN_STEPS)]
+        ten = torch_sgd_steps(
+            ten_model,
+            layout,
+            sequence,
+            lr=REFERENCE_LR,
+            momentum=REFERENCE_MOMENTUM,
+            weight_decay=REFERENCE_WEIGHT_DECAY,
+            nesterov=False,
+            label_smoothing=0.0,
+        )
+        final = {k: v for k, v in ten[-1].items() if k != "loss"}
+        final["losses"] = torch.stack([r["loss"] for r in ten])
+        ten_file = f"sgd_{_variant_name(False, 0.0)}_ten_steps.safetensors"
+        save_file(final, str(ref_dir / ten_file))
+        ten_case = {
+            "name": f"sgd_{_variant_name(False, 0.0)}_ten_steps",
+            "kind": "train_steps",
+            "file": ten_file,
+            "state_in": f"../../{FIXTURE_NAME}/{STATE_FILE}",
+            "state_in_prefix": "",
+            "batches": [f"batch{i % len(batches) + 1}.safetensors" for i in range(TEN_STEPS)],
+            "scalars": {
+                "lr": REFERENCE_LR,
+                "momentum": REFERENCE_MOMENTUM,
+                "weight_decay": REFERENCE_WEIGHT_DECAY,
+                "nesterov": 0.0,
+                "label_smoothing": 0.0,
+            },
+        }
+
         # (4) forward logits after two steps: the weights a trained copy of model.onnx.data carries.
         trained = build_model("resnet-tiny", FIXTURE_CLASSES, FIXTURE_SEED)
         load_train_state(trained, layout, trained_after_two, prefix="new.")
@@ -795,6 +832,7 @@ def make_fixture(root: Path) -> None:
                 "outputs": ["logits"],
             }
         )
+        cases.append(ten_case)
     finally:
         torch.set_num_threads(threads)
 
@@ -807,11 +845,13 @@ def make_fixture(root: Path) -> None:
             "stripping state_in_prefix) with the batch's images/labels and the scalars to train_step.onnx; "
             "the file holds the expected new.* tensors and loss from torch.optim.SGD. Step 1 starts "
             "from zero momentum buffers; torch initialises its buffer to d_p there, which is the same. "
-            "forward cases: logits of torchvision's eval-mode model with the given weights."
+            "forward cases: logits of torchvision's eval-mode model with the given weights. "
+            "train_steps cases: the batches in order, each step fed the previous step's outputs; the "
+            "file holds the final new.* tensors and `losses` (one per step)."
         ),
         # Relative error, per tensor: max |actual - expected| / max |expected|. New params and
         # momentum buffers carry raw gradients, which fp32 reproduces only to ~1e-5.
-        "tolerance": {"logits": 1e-5, "loss": 1e-5, "state": 1e-5, "param": 2e-5, "momentum_buf": 2e-5},
+        "tolerance": {"logits": 1e-5, "loss": 1e-5, "state": 1e-5, "param": 2e-5, "momentum_buf": 2e-5, "ten_steps": 1e-4},
         "cases": cases,
     }
     (ref_dir / "index.json").write_text(json.dumps(index, indent=2) + "\n")

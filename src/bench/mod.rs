@@ -211,3 +211,139 @@ template = "a photo of {class}"
         setup_secs,
     })
 }
+
+// ---- cip bench train ----
+
+/// The two settings: (arch, batch, image size).
+pub const TRAIN_CASES: [(&str, usize, u32); 2] = [("resnet18", 32, 64), ("resnet50", 16, 112)];
+/// Head size of the benchmarked models (ImageNet-100, the paper's middle setting).
+pub const TRAIN_BENCH_CLASSES: usize = 100;
+
+/// One setting timed through cip (the train node's `Classifier::train_step`) and torch eager.
+#[derive(Debug, Clone)]
+pub struct TrainBench {
+    pub arch: String,
+    pub batch: usize,
+    pub image_size: u32,
+    pub threads: usize,
+    pub cip_step_secs: Vec<f64>,
+    pub torch_step_secs: Vec<f64>,
+}
+
+impl TrainBench {
+    fn images_per_sec(&self, steps: &[f64]) -> f64 {
+        self.batch as f64 * steps.len() as f64 / steps.iter().sum::<f64>()
+    }
+    pub fn cip_images_per_sec(&self) -> f64 {
+        self.images_per_sec(&self.cip_step_secs)
+    }
+    pub fn torch_images_per_sec(&self) -> f64 {
+        self.images_per_sec(&self.torch_step_secs)
+    }
+}
+
+/// Exports `arch` with random weights into `work/<arch>-<size>` unless a model is there already
+/// (an export of ResNet-50 takes minutes), then times `steps` train steps after `warmup` in cip
+/// and then in torch (one after the other, `threads` threads each).
+#[allow(clippy::too_many_arguments)]
+pub fn train(
+    python: &Path,
+    repo: &Path,
+    work: &Path,
+    (arch, batch, image_size): (&str, usize, u32),
+    steps: usize,
+    warmup: usize,
+    threads: usize,
+) -> Result<TrainBench, BenchError> {
+    use crate::models::classifier::{Classifier, StepScalars};
+    use rand::{Rng, SeedableRng};
+
+    let model = work.join(format!("{arch}-{image_size}"));
+    if !model.join(crate::runtime::MANIFEST_FILE).is_file() {
+        eprintln!(
+            "exporting {arch} at {image_size}px into {} ...",
+            model.display()
+        );
+        let out = Command::new(python)
+            .arg(repo.join("models/export.py"))
+            .args(["classifier", "--arch", arch, "--num-classes"])
+            .arg(TRAIN_BENCH_CLASSES.to_string())
+            .arg("--image-size")
+            .arg(image_size.to_string())
+            .arg("--out")
+            .arg(&model)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .map_err(|e| BenchError::Failed(format!("cannot run {}: {e}", python.display())))?;
+        if !out.status.success() {
+            return Err(BenchError::Failed(format!(
+                "export of {arch} failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+    }
+
+    let session = crate::runtime::SessionConfig {
+        intra_threads: Some(threads),
+        ..Default::default()
+    };
+    let failed = |e: crate::models::classifier::ClassifierError| BenchError::Failed(e.to_string());
+    let mut classifier = Classifier::open(&model, session).map_err(failed)?;
+    let mut state = classifier.initial_state().map_err(failed)?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let s = image_size as usize;
+    let images = ndarray::Array4::from_shape_fn((batch, 3, s, s), |_| rng.random_range(-2.0..2.0));
+    let labels: Vec<i64> = (0..batch)
+        .map(|_| rng.random_range(0..TRAIN_BENCH_CLASSES as i64))
+        .collect();
+    let scalars = StepScalars {
+        lr: 0.1,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+        nesterov: false,
+        label_smoothing: 0.0,
+    };
+    let mut cip_step_secs = Vec::new();
+    for i in 0..warmup + steps {
+        let t = Instant::now();
+        classifier
+            .train_step(&mut state, images.view(), &labels, scalars)
+            .map_err(failed)?;
+        if i >= warmup {
+            cip_step_secs.push(t.elapsed().as_secs_f64());
+        }
+    }
+    drop(classifier);
+
+    let out = Command::new(python)
+        .arg(repo.join("benches/torch_train_step.py"))
+        .args(["--arch", arch, "--num-classes"])
+        .arg(TRAIN_BENCH_CLASSES.to_string())
+        .args(["--image-size", &image_size.to_string()])
+        .args(["--batch", &batch.to_string()])
+        .args(["--steps", &steps.to_string()])
+        .args(["--warmup", &warmup.to_string()])
+        .args(["--threads", &threads.to_string()])
+        .output()
+        .map_err(|e| BenchError::Failed(format!("cannot run {}: {e}", python.display())))?;
+    if !out.status.success() {
+        return Err(BenchError::Failed(format!(
+            "torch timing failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| BenchError::Failed(format!("torch timing printed no JSON: {e}")))?;
+    let torch_step_secs = report["step_secs"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_f64()).collect())
+        .unwrap_or_default();
+    Ok(TrainBench {
+        arch: arch.to_string(),
+        batch,
+        image_size,
+        threads,
+        cip_step_secs,
+        torch_step_secs,
+    })
+}

@@ -261,6 +261,45 @@ fn stack(items: &[Array3<f32>], size: u32) -> Array4<f32> {
     batch
 }
 
+/// How evaluation brings an image to size x size.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case", tag = "mode")]
+pub enum EvalResize {
+    /// Straight to size x size, aspect ratio not kept (the paper's evaluation).
+    #[default]
+    Square,
+    /// torchvision's Resize(int(size / crop_pct)) on the shorter side, then CenterCrop(size).
+    CenterCrop { crop_pct: f32 },
+}
+
+impl EvalResize {
+    pub fn apply(self, img: &RgbImage, size: u32, interpolation: Interpolation) -> RgbImage {
+        match self {
+            EvalResize::Square => image::imageops::resize(img, size, size, interpolation.filter()),
+            EvalResize::CenterCrop { crop_pct } => {
+                let short_target = ((size as f32 / crop_pct) as u32).max(size);
+                let (w, h) = img.dimensions();
+                // torchvision: the shorter side becomes the target, the longer one int(target * long / short).
+                let (nw, nh) = if w <= h {
+                    (
+                        short_target,
+                        (short_target as u64 * h as u64 / w as u64) as u32,
+                    )
+                } else {
+                    (
+                        (short_target as u64 * w as u64 / h as u64) as u32,
+                        short_target,
+                    )
+                };
+                let resized = image::imageops::resize(img, nw, nh, interpolation.filter());
+                let left = ((nw - size) as f32 / 2.0).round() as u32;
+                let top = ((nh - size) as f32 / 2.0).round() as u32;
+                image::imageops::crop_imm(&resized, left, top, size, size).to_image()
+            }
+        }
+    }
+}
+
 /// An evaluation batch: each image resized to size x size, normalised.
 pub fn eval_batch(
     paths: &[&Path],
@@ -269,11 +308,23 @@ pub fn eval_batch(
     mean: [f32; 3],
     std: [f32; 3],
 ) -> Result<Array4<f32>, AugmentError> {
+    eval_batch_with(paths, size, interpolation, EvalResize::Square, mean, std)
+}
+
+/// An evaluation batch brought to size x size by `resize`, normalised.
+pub fn eval_batch_with(
+    paths: &[&Path],
+    size: u32,
+    interpolation: Interpolation,
+    resize: EvalResize,
+    mean: [f32; 3],
+    std: [f32; 3],
+) -> Result<Array4<f32>, AugmentError> {
     let items: Vec<Array3<f32>> = paths
         .par_iter()
         .map(|path| {
             let img = decode(path)?;
-            let resized = image::imageops::resize(&img, size, size, interpolation.filter());
+            let resized = resize.apply(&img, size, interpolation);
             let mut out = Array3::<f32>::zeros((3, size as usize, size as usize));
             normalise_into(&resized, mean, std, out.view_mut());
             Ok(out)
@@ -362,6 +413,24 @@ mod tests {
             ..cache.clone()
         };
         assert_eq!(wide.load(0, &source).unwrap(), img);
+    }
+
+    #[test]
+    fn center_crop_keeps_the_middle_at_the_scaled_size() {
+        // 80x40 with a bright 8px-wide column in the middle; size 16, crop_pct 0.5: the shorter
+        // side goes to 32 (64x32), then the central 16x16 is cut out.
+        let img = RgbImage::from_fn(80, 40, |x, _| {
+            let v = if (36..44).contains(&x) { 255 } else { 0 };
+            image::Rgb([v, v, v])
+        });
+        let out = EvalResize::CenterCrop { crop_pct: 0.5 }.apply(&img, 16, Interpolation::Bilinear);
+        assert_eq!(out.dimensions(), (16, 16));
+        // The bright column (3.2 px wide at this scale) sits at the centre, the edges stay dark.
+        assert!(out.get_pixel(8, 8)[0] > 200, "{:?}", out.get_pixel(8, 8));
+        assert_eq!(out.get_pixel(0, 8)[0], 0);
+        assert_eq!(out.get_pixel(15, 8)[0], 0);
+        let square = EvalResize::Square.apply(&img, 16, Interpolation::Bilinear);
+        assert_eq!(square.dimensions(), (16, 16));
     }
 
     #[test]

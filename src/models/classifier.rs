@@ -305,7 +305,9 @@ impl Classifier {
             ));
         }
         let session = self.train.as_mut().expect("opened above");
+        let started = std::time::Instant::now();
         let outputs = session.run(inputs).map_err(run_error)?;
+        let ran = started.elapsed();
         let prefix = &self.config.output_prefix;
         let mut updated = Vec::with_capacity(state.tensors.len());
         for (name, _) in &state.tensors {
@@ -324,6 +326,11 @@ impl Classifier {
             .unwrap_or(f32::NAN);
         drop(outputs);
         state.tensors = updated;
+        tracing::debug!(
+            "train_step: session.run {:.3} s, state copy-out {:.3} s",
+            ran.as_secs_f64(),
+            (started.elapsed() - ran).as_secs_f64()
+        );
         Ok(loss)
     }
 

@@ -1,8 +1,9 @@
 //! eval: a trained classifier + test sets -> top-1 / top-5 accuracy per test set.
 //!
 //! Test images map to classifier outputs by class folder id (WordNet id): output i is line i of
-//! the classifier's `classes.txt`. Test classes the classifier never saw are not scored (counted
-//! as `skipped`). `mask` names a class file whose classes alone compete (e.g. an ImageNet-100
+//! the classifier's `classes.txt`. A test class the classifier never saw is an error naming it
+//! (usually a wrong split or class mapping); `skip_unknown_classes = true` leaves such images out
+//! instead (counted as `skipped`). `mask` names a class file whose classes alone compete (e.g. an ImageNet-100
 //! subset evaluated with a 1000-way head).
 //!
 //! With a `members` input (the classifier's training split) the node also runs the
@@ -12,14 +13,14 @@
 pub mod classify;
 mod membership;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use super::train::artifact_images;
 use super::{ArtifactType, InputSlot, NodeError, NodeKind, ParamError, RunContext, RunSummary};
-use crate::data::augment::{self, Interpolation};
+use crate::data::augment::{self, EvalResize, Interpolation};
 use crate::data::table::write_csv;
 use crate::models::classifier::{forward_logits, ClassifierConfig};
 use crate::runtime::{Family, ModelDir, SessionConfig};
@@ -42,6 +43,15 @@ pub struct EvalParams {
     /// Test set (metrics.json name) used as non-members by the membership attack.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonmembers: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skip_unknown_classes: bool,
+    /// `{ mode = "square" }` (default, the paper) or `{ mode = "center_crop", crop_pct = 0.875 }`.
+    #[serde(default, skip_serializing_if = "is_square")]
+    pub resize: EvalResize,
+}
+
+fn is_square(r: &EvalResize) -> bool {
+    *r == EvalResize::Square
 }
 
 fn default_batch_size() -> usize {
@@ -119,6 +129,8 @@ impl NodeKind for Eval {
             "interpolation",
             "batch_size",
             "nonmembers",
+            "skip_unknown_classes",
+            "resize",
         ]
     }
     fn speed_only(&self) -> &'static [&'static str] {
@@ -133,6 +145,14 @@ impl NodeKind for Eval {
     fn resolve_params(&self, table: &toml::Table) -> Result<serde_json::Value, ParamError> {
         let value = super::resolve_typed::<EvalParams>(table)?;
         let p: EvalParams = serde_json::from_value(value.clone()).unwrap();
+        if let EvalResize::CenterCrop { crop_pct } = p.resize {
+            if !(crop_pct > 0.0 && crop_pct <= 1.0) {
+                return Err(ParamError {
+                    key: Some("resize.crop_pct".into()),
+                    message: format!("{crop_pct} must be within (0, 1]"),
+                });
+            }
+        }
         if p.batch_size == 0 {
             return Err(ParamError {
                 key: Some("batch_size".into()),
@@ -207,7 +227,26 @@ impl NodeKind for Eval {
             sets.push((test_set_name(&m.origin), m, "member"));
         }
         for (name, artifact, role) in &sets {
-            for image in artifact_images(artifact)? {
+            let images = artifact_images(artifact)?;
+            let unknown: BTreeSet<&str> = images
+                .iter()
+                .map(|i| i.class.as_str())
+                .filter(|c| !index_of.contains_key(c))
+                .collect();
+            if *role == "test" && !unknown.is_empty() && !p.skip_unknown_classes {
+                let unknown: Vec<&str> = unknown.into_iter().collect();
+                return Err(NodeError::Failed(format!(
+                    "node `{}`: test set {name} has class{} {}, which the classifier ({}) lacks; it knows {} classes: {}{}; check the split and the classifier, or set skip_unknown_classes = true to leave those images out",
+                    ctx.node,
+                    if unknown.len() == 1 { "" } else { "es" },
+                    unknown.join(", "),
+                    test_set_name(&classifier.origin),
+                    classes.len(),
+                    classes.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+                    if classes.len() > 5 { ", ..." } else { "" },
+                )));
+            }
+            for image in images {
                 if !index_of.contains_key(image.class.as_str()) {
                     if *role == "test" {
                         *skipped_per_set.entry(name.clone()).or_default() += 1;
@@ -251,10 +290,11 @@ impl NodeKind for Eval {
             let session = session.as_mut().expect("opened above");
             for chunk in todo.chunks(p.batch_size.max(1)) {
                 let paths: Vec<&Path> = chunk.iter().map(|i| i.path.as_path()).collect();
-                let batch = augment::eval_batch(
+                let batch = augment::eval_batch_with(
                     &paths,
                     config.image_size,
                     p.interpolation,
+                    p.resize,
                     config.mean,
                     config.std,
                 )

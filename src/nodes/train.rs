@@ -302,6 +302,14 @@ impl NodeKind for Train {
                 classes.len()
             )));
         }
+        if images.is_empty() {
+            let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
+            return Err(NodeError::Failed(format!(
+                "node `{}`: no training images in {}; check that data names the right split and that it holds images",
+                ctx.node,
+                names.join(", ")
+            )));
+        }
         if images.len() < config.min_train_batch {
             return Err(NodeError::Failed(format!(
                 "node `{}`: {} training images, but one SGD step needs at least {} (BatchNorm in train mode)",
@@ -384,10 +392,11 @@ impl NodeKind for Train {
             }
             let started = Instant::now();
             let (mut loss_sum, mut seen) = (0f64, 0usize);
-            for chunk in samples.chunks(batch_size) {
-                if chunk.len() < config.min_train_batch {
-                    continue;
-                }
+            let chunks: Vec<&[(usize, u64)]> = samples
+                .chunks(batch_size)
+                .filter(|c| c.len() >= config.min_train_batch)
+                .collect();
+            let prepare = |chunk: &[(usize, u64)]| -> Result<_, NodeError> {
                 let labels: Vec<i64> = chunk
                     .iter()
                     .map(|&(i, _)| label_of[images[i].class.as_str()])
@@ -399,19 +408,37 @@ impl NodeKind for Train {
                 let batch =
                     augment::train_batch_with(chunk, load, &transform, ctx.seed, epoch.into())
                         .map_err(|e| NodeError::Failed(e.to_string()))?;
-                let loss = classifier
-                    .train_step(&mut state, batch.view(), &labels, scalars)
-                    .map_err(failed)?;
-                if !loss.is_finite() {
-                    return Err(NodeError::Failed(format!(
-                        "node `{}`: loss became {loss} in epoch {} (lr {lr}); the last good checkpoint (epoch {epoch}) is kept; lower lr or check the data",
-                        ctx.node,
-                        epoch + 1
-                    )));
+                Ok((batch, labels))
+            };
+            let prepare = &prepare;
+            // Batch k+1 is decoded and augmented while step k runs; both are pure functions of
+            // (seed, epoch, item), so the overlap changes no result.
+            std::thread::scope(|scope| -> Result<(), NodeError> {
+                let mut next = chunks.first().map(|&c| scope.spawn(move || prepare(c)));
+                for (k, chunk) in chunks.iter().enumerate() {
+                    let (batch, labels) = next
+                        .take()
+                        .expect("spawned for every chunk")
+                        .join()
+                        .map_err(|_| {
+                        NodeError::Failed("batch preparation panicked".into())
+                    })??;
+                    next = chunks.get(k + 1).map(|&c| scope.spawn(move || prepare(c)));
+                    let loss = classifier
+                        .train_step(&mut state, batch.view(), &labels, scalars)
+                        .map_err(failed)?;
+                    if !loss.is_finite() {
+                        return Err(NodeError::Failed(format!(
+                            "node `{}`: loss became {loss} in epoch {} (lr {lr}); the last good checkpoint (epoch {epoch}) is kept; lower lr or check the data",
+                            ctx.node,
+                            epoch + 1
+                        )));
+                    }
+                    loss_sum += loss as f64 * chunk.len() as f64;
+                    seen += chunk.len();
                 }
-                loss_sum += loss as f64 * chunk.len() as f64;
-                seen += chunk.len();
-            }
+                Ok(())
+            })?;
             let seconds = started.elapsed().as_secs_f64().max(1e-9);
             last_loss = (loss_sum / seen.max(1) as f64) as f32;
             log.push_str(&format!(
