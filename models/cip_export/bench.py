@@ -85,11 +85,12 @@ def build_sd15_pipeline():
     """StableDiffusionPipeline with SD-1.5's module configs (v1-5 unet/vae/text_encoder
     config.json), random weights, the offline CLIP tokenizer and SD-1.5's PNDM scheduler config."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from . import sd
     from .clip_tokenizer import build_clip_tokenizer
-    from .sd import SD15_SCHEDULER_CONFIG, SD15_VAE_SCALING_FACTOR
+    from .sd import SD15_VAE_SCALING_FACTOR
 
     tokenizer = build_clip_tokenizer(model_max_length=77)
     torch.manual_seed(BENCH_SEED)
@@ -144,19 +145,9 @@ def build_sd15_pipeline():
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    scheduler = PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = sd.assemble_pipeline(unet, vae, text_encoder, tokenizer)
     for module in (unet, vae, text_encoder):
-        module.eval().requires_grad_(False)
+        module.requires_grad_(False)
     return pipe
 
 

@@ -574,7 +574,7 @@ def build_tiny_pipeline():
     Deterministic: seeded per module.
     """
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from .clip_tokenizer import build_clip_tokenizer
@@ -622,6 +622,13 @@ def build_tiny_pipeline():
             pad_token_id=tokenizer.pad_token_id,
         )
     )
+    return assemble_pipeline(unet, vae, text_encoder, tokenizer)
+
+
+def assemble_pipeline(unet, vae, text_encoder, tokenizer):
+    """The modules as SD-1.5's StableDiffusionPipeline (PNDM, no safety checker), in eval mode."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
     # from_config keeps clip_sample, which PNDM ignores but DDIM (built from this config) reads.
     scheduler = PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)
     pipe = StableDiffusionPipeline(
