@@ -202,12 +202,17 @@ pub fn read_tensors(
         .collect()
 }
 
+/// The symbolic batch dimension of the exported train-step graph.
+const TRAIN_BATCH_DIM: &str = "batch";
+
 /// An opened classifier model directory.
 pub struct Classifier {
     pub dir: ModelDir,
     pub config: ClassifierConfig,
     session_config: SessionConfig,
-    train: Option<Session>,
+    /// Train-step sessions by batch size: each has its batch dimension fixed (static shapes are
+    /// much faster on the CPU). An epoch needs at most two: the batch size and the remainder.
+    train: Vec<(usize, Session)>,
     forward: Option<Session>,
 }
 
@@ -219,7 +224,7 @@ impl Classifier {
             dir,
             config,
             session_config,
-            train: None,
+            train: Vec::new(),
             forward: None,
         })
     }
@@ -258,8 +263,18 @@ impl Classifier {
                 min: self.config.min_train_batch,
             });
         }
-        if self.train.is_none() {
-            self.train = Some(self.dir.session("train_step", &self.session_config)?);
+        let batch = images.shape()[0];
+        if !self.train.iter().any(|(b, _)| *b == batch) {
+            let config = SessionConfig {
+                fixed_dims: vec![(TRAIN_BATCH_DIM.to_string(), batch as i64)],
+                ..self.session_config.clone()
+            };
+            let session = self.dir.session("train_step", &config)?;
+            // A third size (rare: only when the batch size changes) replaces the oldest.
+            if self.train.len() >= 2 {
+                self.train.remove(0);
+            }
+            self.train.push((batch, session));
         }
         let run_error = |e: ort::Error| ClassifierError::Run {
             dir: self.dir.root().to_path_buf(),
@@ -304,7 +319,12 @@ impl Classifier {
                     .into(),
             ));
         }
-        let session = self.train.as_mut().expect("opened above");
+        let session = &mut self
+            .train
+            .iter_mut()
+            .find(|(b, _)| *b == batch)
+            .expect("opened above")
+            .1;
         let started = std::time::Instant::now();
         let outputs = session.run(inputs).map_err(run_error)?;
         let ran = started.elapsed();

@@ -52,6 +52,10 @@ pub struct SessionConfig {
     /// Write ONNX Runtime's per-operator profile (JSON, chrome://tracing format) to files whose
     /// names start with this prefix; for `cip bench`, never for normal runs (it slows them).
     pub profile: Option<std::path::PathBuf>,
+    /// Symbolic dimensions fixed to a size (e.g. `batch` = 32): ONNX Runtime then plans memory and
+    /// picks kernels for static shapes, which made the classifier's train step about 1.5x faster
+    /// on the CPU. A session so fixed accepts only that size.
+    pub fixed_dims: Vec<(String, i64)>,
 }
 
 impl SessionConfig {
@@ -129,6 +133,11 @@ fn configure(
     if let Some(threads) = config.intra_threads {
         builder = builder
             .with_intra_threads(threads)
+            .map_err(|e| e.message().to_string())?;
+    }
+    for (name, size) in &config.fixed_dims {
+        builder = builder
+            .with_dimension_override(name, *size)
             .map_err(|e| e.message().to_string())?;
     }
     if let Some(prefix) = &config.profile {
