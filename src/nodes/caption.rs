@@ -317,64 +317,66 @@ impl NodeKind for Caption {
         let options = params.options();
         // Opened on the first part with work: a finaliser after complete shards needs no model.
         let mut captioner: Option<Captioner> = None;
-        ctx.for_each_part("captions", |journal_name, owns| {
-            let todo: Vec<&Item> = items
-                .iter()
-                .filter(|i| owns(&i.id) && !done.contains(&i.id))
-                .collect();
-            if todo.is_empty() {
-                return Ok(());
-            }
-            let mut journal = ctx.builder.journal(journal_name)?;
-            if captioner.is_none() {
-                captioner = Some(
-                    Captioner::open(&model.family, &model.dir, &session_config(ctx, &model.dir)?)
+        ctx.for_each_todo(
+            "captions",
+            &items,
+            |i| &i.id,
+            &done,
+            |journal, todo| {
+                if captioner.is_none() {
+                    captioner = Some(
+                        Captioner::open(
+                            &model.family,
+                            &model.dir,
+                            &session_config(ctx, &model.dir)?,
+                        )
                         .map_err(model_error)?,
-                );
-            }
-            let captioner = captioner.as_mut().expect("opened above");
-            let settings = captioner.image_settings().clone();
-            for chunk in todo.chunks(params.batch_size) {
-                let mut records = Vec::new();
-                let mut pixels = Vec::new();
-                let mut ready = Vec::new();
-                for item in chunk {
-                    let loaded = load_rgb(&item.path, &settings.rgb_conversion)
-                        .and_then(|rgb| pixel_values(&rgb, &settings));
-                    match loaded {
-                        Ok(p) => {
-                            pixels.extend(p);
-                            ready.push(*item);
+                    );
+                }
+                let captioner = captioner.as_mut().expect("opened above");
+                let settings = captioner.image_settings().clone();
+                for chunk in todo.chunks(params.batch_size) {
+                    let mut records = Vec::new();
+                    let mut pixels = Vec::new();
+                    let mut ready = Vec::new();
+                    for item in chunk {
+                        let loaded = load_rgb(&item.path, &settings.rgb_conversion)
+                            .and_then(|rgb| pixel_values(&rgb, &settings));
+                        match loaded {
+                            Ok(p) => {
+                                pixels.extend(p);
+                                ready.push(*item);
+                            }
+                            Err(e) if params.on_error == OnError::Skip => {
+                                tracing::warn!("{}: skipped: {e}", ctx.node);
+                                records.push(serde_json::json!({
+                                    "item": item.id, "class": item.class, "skipped": e.to_string(),
+                                }));
+                            }
+                            Err(e) => {
+                                return Err(NodeError::Failed(format!(
+                                    "{e} (set on_error = \"skip\" to caption the other images)"
+                                )))
+                            }
                         }
-                        Err(e) if params.on_error == OnError::Skip => {
-                            tracing::warn!("{}: skipped: {e}", ctx.node);
+                    }
+                    if !ready.is_empty() {
+                        let captions = captioner
+                            .caption(&pixels, ready.len(), params.prompt.as_deref(), &options)
+                            .map_err(model_error)?;
+                        for (item, c) in ready.iter().zip(captions) {
                             records.push(serde_json::json!({
-                                "item": item.id, "class": item.class, "skipped": e.to_string(),
+                                "item": item.id, "class": item.class,
+                                "caption": c.caption, "tokens": c.tokens,
                             }));
                         }
-                        Err(e) => {
-                            return Err(NodeError::Failed(format!(
-                                "{e} (set on_error = \"skip\" to caption the other images)"
-                            )))
-                        }
                     }
+                    journal.append_batch(&records)?;
+                    progress.advance(chunk.len() as u64);
                 }
-                if !ready.is_empty() {
-                    let captions = captioner
-                        .caption(&pixels, ready.len(), params.prompt.as_deref(), &options)
-                        .map_err(model_error)?;
-                    for (item, c) in ready.iter().zip(captions) {
-                        records.push(serde_json::json!({
-                            "item": item.id, "class": item.class,
-                            "caption": c.caption, "tokens": c.tokens,
-                        }));
-                    }
-                }
-                journal.append_batch(&records)?;
-                progress.advance(chunk.len() as u64);
-            }
-            Ok(())
-        })?;
+                Ok(())
+            },
+        )?;
         if ctx.is_shard_worker() {
             return Ok(RunSummary::default());
         }

@@ -88,6 +88,16 @@ pub fn test_set_name(origin: &str) -> String {
         .to_string()
 }
 
+/// Output indices, best first, among the competing ones (`allowed`, or all). Ties break toward the
+/// lower index, like torch.topk on CPU.
+fn ranked_outputs(logits: ndarray::ArrayView1<'_, f32>, allowed: Option<&[bool]>) -> Vec<usize> {
+    let mut ranked: Vec<usize> = (0..logits.len())
+        .filter(|&i| allowed.is_none_or(|a| a[i]))
+        .collect();
+    ranked.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    ranked
+}
+
 /// One image to score, in listing order of its set.
 struct ScoreItem {
     id: String,
@@ -271,58 +281,52 @@ impl NodeKind for Eval {
         let mut progress = ctx.progress(items.len() as u64, already as u64);
         // Opened on the first part with work: a finaliser after complete shards needs no model.
         let mut session = None;
-        ctx.for_each_part("scores", |journal_name, owns| {
-            let todo: Vec<&ScoreItem> = items
-                .iter()
-                .filter(|i| owns(&i.id) && !done.contains(&i.id))
-                .collect();
-            if todo.is_empty() {
-                return Ok(());
-            }
-            let mut journal = ctx.builder.journal(journal_name)?;
-            if session.is_none() {
-                let config = SessionConfig {
-                    intra_threads: Some(ctx.settings.threads.max(1)),
-                    ..SessionConfig::default()
-                };
-                session = Some(dir.session("forward", &config).map_err(failed)?);
-            }
-            let session = session.as_mut().expect("opened above");
-            for chunk in todo.chunks(p.batch_size.max(1)) {
-                let paths: Vec<&Path> = chunk.iter().map(|i| i.path.as_path()).collect();
-                let batch = augment::eval_batch_with(
-                    &paths,
-                    config.image_size,
-                    p.interpolation,
-                    p.resize,
-                    config.mean,
-                    config.std,
-                )
-                .map_err(|e| NodeError::Failed(e.to_string()))?;
-                let logits = forward_logits(session, dir.root(), batch.view())
-                    .map_err(|e| NodeError::Failed(format!("node `{}`: {e}", ctx.node)))?;
-                let mut records = Vec::with_capacity(chunk.len());
-                for (item, row) in chunk.iter().zip(logits.rows()) {
-                    let truth = index_of[item.class.as_str()];
-                    let mut ranked: Vec<usize> = (0..row.len())
-                        .filter(|&i| allowed.as_ref().is_none_or(|a| a[i]))
-                        .collect();
-                    // Ties break toward the lower index, like torch.topk on CPU.
-                    ranked.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
-                    ranked.truncate(5);
-                    let confidence =
-                        membership::true_label_confidence(row, truth, allowed.as_deref());
-                    records.push(serde_json::json!({
-                        "item": item.id,
-                        "top5": ranked,
-                        "confidence": confidence,
-                    }));
+        ctx.for_each_todo(
+            "scores",
+            &items,
+            |i| &i.id,
+            &done,
+            |journal, todo| {
+                if session.is_none() {
+                    let config = SessionConfig {
+                        intra_threads: Some(ctx.settings.threads.max(1)),
+                        ..SessionConfig::default()
+                    };
+                    session = Some(dir.session("forward", &config).map_err(failed)?);
                 }
-                journal.append_batch(&records)?;
-                progress.advance(chunk.len() as u64);
-            }
-            Ok(())
-        })?;
+                let session = session.as_mut().expect("opened above");
+                for chunk in todo.chunks(p.batch_size.max(1)) {
+                    let paths: Vec<&Path> = chunk.iter().map(|i| i.path.as_path()).collect();
+                    let batch = augment::eval_batch_with(
+                        &paths,
+                        config.image_size,
+                        p.interpolation,
+                        p.resize,
+                        config.mean,
+                        config.std,
+                    )
+                    .map_err(|e| NodeError::Failed(e.to_string()))?;
+                    let logits = forward_logits(session, dir.root(), batch.view())
+                        .map_err(|e| NodeError::Failed(format!("node `{}`: {e}", ctx.node)))?;
+                    let mut records = Vec::with_capacity(chunk.len());
+                    for (item, row) in chunk.iter().zip(logits.rows()) {
+                        let truth = index_of[item.class.as_str()];
+                        let mut ranked = ranked_outputs(row, allowed.as_deref());
+                        ranked.truncate(5);
+                        let confidence =
+                            membership::true_label_confidence(row, truth, allowed.as_deref());
+                        records.push(serde_json::json!({
+                            "item": item.id,
+                            "top5": ranked,
+                            "confidence": confidence,
+                        }));
+                    }
+                    journal.append_batch(&records)?;
+                    progress.advance(chunk.len() as u64);
+                }
+                Ok(())
+            },
+        )?;
         if ctx.is_shard_worker() {
             return Ok(RunSummary::default());
         }

@@ -261,60 +261,58 @@ impl NodeKind for Generate {
         // The model opens only when there is something to generate: a finaliser whose shards
         // did all the work needs no model (nor a GPU).
         let mut ready: Option<(Pipeline, Settings, String)> = None;
-        ctx.for_each_part("images", |journal_name, owns| {
-            let todo: Vec<&Job> = jobs
-                .iter()
-                .filter(|j| owns(&j.id) && !done.contains(&j.id))
-                .collect();
-            if todo.is_empty() {
-                return Ok(());
-            }
-            // Only this part's temps: other shards may be writing theirs right now.
-            remove_stale_temps(ctx.out, &todo)?;
-            let mut journal = ctx.builder.journal(journal_name)?;
-            if ready.is_none() {
-                ready = Some(open_pipeline(ctx, &model, &p)?);
-            }
-            let (pipeline, settings, size) = ready.as_mut().expect("opened above");
-            for batch in todo.chunks(p.batch_size) {
-                let requests: Vec<Request> = batch
-                    .iter()
-                    .map(|j| Request {
-                        prompt: j.prompt.clone(),
-                        // An empty negative prompt is diffusers' default "" either way.
-                        negative_prompt: Some(j.negative_prompt.clone()),
-                        seed: j.seed,
-                    })
-                    .collect();
-                let images = pipeline
-                    .generate(settings, &requests)
-                    .map_err(|e| NodeError::Failed(format!("node `{}`: {e}", ctx.node)))?;
-                let mut records = Vec::with_capacity(batch.len());
-                for (job, image) in batch.iter().zip(&images) {
-                    write_image(&ctx.out.join(&job.path), image, &p)?;
-                    records.push(serde_json::json!({
-                        "item": job.id,
-                        "path": job.path,
-                        "class": job.class,
-                        "prompt": job.prompt,
-                        "negative_prompt": job.negative_prompt,
-                        "seed": job.seed.to_string(),
-                        "steps": settings.steps.to_string(),
-                        "scheduler": settings.scheduler.name(),
-                        "guidance": p.guidance.to_string(),
-                        "size": size,
-                    }));
+        ctx.for_each_todo(
+            "images",
+            &jobs,
+            |j| &j.id,
+            &done,
+            |journal, todo| {
+                // Only this part's temps: other shards may be writing theirs right now.
+                remove_stale_temps(ctx.out, &todo)?;
+                if ready.is_none() {
+                    ready = Some(open_pipeline(ctx, &model, &p)?);
                 }
-                let mut dirs: Vec<&str> = batch.iter().map(|j| j.class.as_str()).collect();
-                dirs.dedup();
-                for dir in dirs {
-                    sync_dir(&ctx.out.join(dir))?;
+                let (pipeline, settings, size) = ready.as_mut().expect("opened above");
+                for batch in todo.chunks(p.batch_size) {
+                    let requests: Vec<Request> = batch
+                        .iter()
+                        .map(|j| Request {
+                            prompt: j.prompt.clone(),
+                            // An empty negative prompt is diffusers' default "" either way.
+                            negative_prompt: Some(j.negative_prompt.clone()),
+                            seed: j.seed,
+                        })
+                        .collect();
+                    let images = pipeline
+                        .generate(settings, &requests)
+                        .map_err(|e| NodeError::Failed(format!("node `{}`: {e}", ctx.node)))?;
+                    let mut records = Vec::with_capacity(batch.len());
+                    for (job, image) in batch.iter().zip(&images) {
+                        write_image(&ctx.out.join(&job.path), image, &p)?;
+                        records.push(serde_json::json!({
+                            "item": job.id,
+                            "path": job.path,
+                            "class": job.class,
+                            "prompt": job.prompt,
+                            "negative_prompt": job.negative_prompt,
+                            "seed": job.seed.to_string(),
+                            "steps": settings.steps.to_string(),
+                            "scheduler": settings.scheduler.name(),
+                            "guidance": p.guidance.to_string(),
+                            "size": size,
+                        }));
+                    }
+                    let mut dirs: Vec<&str> = batch.iter().map(|j| j.class.as_str()).collect();
+                    dirs.dedup();
+                    for dir in dirs {
+                        sync_dir(&ctx.out.join(dir))?;
+                    }
+                    journal.append_batch(&records)?;
+                    progress.advance(records.len() as u64);
                 }
-                journal.append_batch(&records)?;
-                progress.advance(records.len() as u64);
-            }
-            Ok(())
-        })?;
+                Ok(())
+            },
+        )?;
         if ctx.is_shard_worker() {
             return Ok(RunSummary::default());
         }

@@ -186,6 +186,30 @@ impl<'a> RunContext<'a> {
         }
     }
 
+    /// [`Self::for_each_part`] with the items each part still has to do: `work(journal, todo)`
+    /// runs once per part with unfinished items (never for a finaliser whose shards did them all),
+    /// so the model behind `work` can open lazily.
+    pub fn for_each_todo<'i, T>(
+        &self,
+        base: &str,
+        items: &'i [T],
+        id: impl Fn(&T) -> &str,
+        done: &std::collections::HashSet<String>,
+        mut work: impl FnMut(&mut crate::cache::Journal, Vec<&'i T>) -> Result<(), NodeError>,
+    ) -> Result<(), NodeError> {
+        self.for_each_part(base, |journal_name, owns| {
+            let todo: Vec<&T> = items
+                .iter()
+                .filter(|i| owns(id(i)) && !done.contains(id(i)))
+                .collect();
+            if todo.is_empty() {
+                return Ok(());
+            }
+            let mut journal = self.builder.journal(journal_name)?;
+            work(&mut journal, todo)
+        })
+    }
+
     pub fn params<P: DeserializeOwned>(&self) -> Result<P, NodeError> {
         serde_json::from_value(self.params.clone()).map_err(|e| NodeError::Params(e.to_string()))
     }

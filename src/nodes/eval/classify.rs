@@ -85,12 +85,8 @@ pub fn classify_files(args: &ClassifyArgs) -> Result<Vec<Vec<Ranked>>, ClassifyE
         .rows()
         .into_iter()
         .map(|row| {
-            let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
-            let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
-            let mut order: Vec<usize> = (0..row.len()).collect();
-            // Ties toward the lower index, as the eval node ranks.
-            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
-            order
+            // Ranked and scored as the eval node does.
+            super::ranked_outputs(row, None)
                 .into_iter()
                 .take(args.topk)
                 .map(|i| Ranked {
@@ -98,7 +94,7 @@ pub fn classify_files(args: &ClassifyArgs) -> Result<Vec<Vec<Ranked>>, ClassifyE
                         .get(i)
                         .cloned()
                         .unwrap_or_else(|| format!("output{i}")),
-                    probability: ((row[i] as f64 - max).exp() / sum) as f32,
+                    probability: super::membership::true_label_confidence(row, i, None),
                 })
                 .collect()
         })
