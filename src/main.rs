@@ -652,13 +652,16 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             let threads = threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             let repo = std::env::current_dir()?;
+            let tool = cip::bench::PythonTool {
+                python,
+                export_script: repo.join("models/export.py"),
+            };
             let mut ratios = Vec::new();
             for case in cip::bench::TRAIN_CASES {
                 if only.as_deref().is_some_and(|o| o != case.0) {
                     continue;
                 }
-                let b =
-                    cip::bench::train(&python, &repo, &dir, case, steps.max(1), warmup, threads)?;
+                let b = cip::bench::train(&tool, &repo, &dir, case, steps.max(1), warmup, threads)?;
                 let (ours, theirs) = (b.cip_images_per_sec(), b.torch_images_per_sec());
                 println!(
                     "{} batch {} at {}px, {} threads, {} steps: cip {:.1} images/s, torch {:.1} images/s, ratio {:.2}",

@@ -47,9 +47,15 @@ pub struct PythonTool {
 impl PythonTool {
     /// Runs `python export.py bench ARGS...`; stderr passes through (progress), stdout is returned.
     pub fn run(&self, args: &[&str]) -> Result<String, BenchError> {
+        let mut all = vec!["bench"];
+        all.extend_from_slice(args);
+        self.run_script(&self.export_script, &all)
+    }
+
+    /// Runs `python SCRIPT ARGS...` offline; stderr passes through, stdout is returned.
+    pub fn run_script(&self, script: &Path, args: &[&str]) -> Result<String, BenchError> {
         let output = Command::new(&self.python)
-            .arg(&self.export_script)
-            .arg("bench")
+            .arg(script)
             .args(args)
             .env("HF_HUB_OFFLINE", "1")
             .env("TRANSFORMERS_OFFLINE", "1")
@@ -59,14 +65,14 @@ impl PythonTool {
                 BenchError::Failed(format!(
                     "cannot run {} {}: {e} (run `make setup`, or pass --python)",
                     self.python.display(),
-                    self.export_script.display()
+                    script.display()
                 ))
             })?;
         if !output.status.success() {
             return Err(BenchError::Failed(format!(
-                "{} {} bench {} failed ({}); its error is above",
+                "{} {} {} failed ({}); its error is above",
                 self.python.display(),
-                self.export_script.display(),
+                script.display(),
                 args.first().copied().unwrap_or(""),
                 output.status
             )));
@@ -247,7 +253,7 @@ impl TrainBench {
 /// and then in torch (one after the other, `threads` threads each).
 #[allow(clippy::too_many_arguments)]
 pub fn train(
-    python: &Path,
+    python: &PythonTool,
     repo: &Path,
     work: &Path,
     (arch, batch, image_size): (&str, usize, u32),
@@ -264,23 +270,20 @@ pub fn train(
             "exporting {arch} at {image_size}px into {} ...",
             model.display()
         );
-        let out = Command::new(python)
-            .arg(repo.join("models/export.py"))
-            .args(["classifier", "--arch", arch, "--num-classes"])
-            .arg(TRAIN_BENCH_CLASSES.to_string())
-            .arg("--image-size")
-            .arg(image_size.to_string())
-            .arg("--out")
-            .arg(&model)
-            .env("HF_HUB_OFFLINE", "1")
-            .output()
-            .map_err(|e| BenchError::Failed(format!("cannot run {}: {e}", python.display())))?;
-        if !out.status.success() {
-            return Err(BenchError::Failed(format!(
-                "export of {arch} failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )));
-        }
+        python.run_script(
+            &python.export_script,
+            &[
+                "classifier",
+                "--arch",
+                arch,
+                "--num-classes",
+                &TRAIN_BENCH_CLASSES.to_string(),
+                "--image-size",
+                &image_size.to_string(),
+                "--out",
+                &model.display().to_string(),
+            ],
+        )?;
     }
 
     let session = crate::runtime::SessionConfig {
@@ -315,24 +318,26 @@ pub fn train(
     }
     drop(classifier);
 
-    let out = Command::new(python)
-        .arg(repo.join("benches/torch_train_step.py"))
-        .args(["--arch", arch, "--num-classes"])
-        .arg(TRAIN_BENCH_CLASSES.to_string())
-        .args(["--image-size", &image_size.to_string()])
-        .args(["--batch", &batch.to_string()])
-        .args(["--steps", &steps.to_string()])
-        .args(["--warmup", &warmup.to_string()])
-        .args(["--threads", &threads.to_string()])
-        .output()
-        .map_err(|e| BenchError::Failed(format!("cannot run {}: {e}", python.display())))?;
-    if !out.status.success() {
-        return Err(BenchError::Failed(format!(
-            "torch timing failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )));
-    }
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+    let stdout = python.run_script(
+        &repo.join("benches/torch_train_step.py"),
+        &[
+            "--arch",
+            arch,
+            "--num-classes",
+            &TRAIN_BENCH_CLASSES.to_string(),
+            "--image-size",
+            &image_size.to_string(),
+            "--batch",
+            &batch.to_string(),
+            "--steps",
+            &steps.to_string(),
+            "--warmup",
+            &warmup.to_string(),
+            "--threads",
+            &threads.to_string(),
+        ],
+    )?;
+    let report: serde_json::Value = serde_json::from_str(&stdout)
         .map_err(|e| BenchError::Failed(format!("torch timing printed no JSON: {e}")))?;
     let torch_step_secs = report["step_secs"]
         .as_array()
