@@ -9,7 +9,7 @@ CARGO ?= cargo
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test test-rust test-python parity demo build fixtures bench-plan bench-generate bench-caption bench-train clean-cache slurm-up slurm-down
+.PHONY: setup test test-rust test-python parity demo build bench-plan bench-generate bench-caption bench-train slurm-up slurm-down
 
 # The venv carries onnxruntime's shared library (cip finds it in .venv on its own) and the pinned
 # export/reference stack. The stamp makes reruns free until requirements change.
@@ -59,4 +59,16 @@ demo: setup build
 bench-plan: build
 	./target/release/cip bench plan --items 1300000
 
-.PHONY: setup test test-rust test-python parity demo build fixtures bench-plan bench-generate bench-caption bench-train clean-cache slurm-up slurm-down
+# cip vs diffusers on the full-size SD-1.5 architecture (random weights; exported once into
+# .cip/bench/sd15, ~8 GB with the diffusers copy, ~10 min the first time). See README, Performance.
+bench-generate: setup build
+	./target/release/cip bench generate
+
+# cip vs transformers' generate on BLIP-2 at OPT-2.7b widths, 2 layers (.cip/bench/blip2, ~3.3 GB).
+bench-caption: setup build
+	./target/release/cip bench caption
+
+# Train-step images/s, cip (ONNX Runtime) vs PyTorch eager, ResNet-18 b32 64px and ResNet-50 b16
+# 112px. The first run exports both models (minutes).
+bench-train: setup build
+	./target/release/cip bench train

@@ -73,13 +73,20 @@ fn tolerance_for(tolerance: &serde_json::Value, name: &str) -> f64 {
 }
 
 /// Every SGD case, step 2 chained from Rust's own step-1 state (not torch's), so errors compound
-/// as they would in training.
+/// as they would in training; through both train-step graphs.
 #[test]
 fn train_step_matches_torch_sgd() {
+    for gemm in [false, true] {
+        train_step_graph_matches_torch_sgd(gemm);
+    }
+}
+
+fn train_step_graph_matches_torch_sgd(gemm: bool) {
     let index = index();
     let tolerance = &index["tolerance"];
     let mut classifier =
         Classifier::open(&fixtures().join("resnet-tiny"), single_thread()).unwrap();
+    classifier.use_train_graph(gemm).unwrap();
     let names = classifier.state_names();
     let mut chained: std::collections::BTreeMap<String, TrainState> = Default::default();
     let mut worst = std::collections::BTreeMap::<&str, f64>::new();
@@ -146,7 +153,7 @@ fn train_step_matches_torch_sgd() {
         ran += 1;
     }
     assert_eq!(ran, 8, "index.json lists 8 SGD cases");
-    eprintln!("worst relative errors: {worst:?}");
+    eprintln!("gemm {gemm}: worst relative errors: {worst:?}");
 }
 
 /// Ten steps chained in Rust over the batch sequence index.json names, against torch's tenth.

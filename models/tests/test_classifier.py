@@ -86,9 +86,10 @@ def session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-@pytest.fixture(scope="module")
-def train_step() -> ort.InferenceSession:
-    return session(FIXTURE / classifier.TRAIN_STEP_GRAPH)
+@pytest.fixture(scope="module", params=sorted(classifier.TRAIN_STEP_GRAPHS))
+def train_step(request) -> ort.InferenceSession:
+    """Both train-step graphs (convolution and GEMM form): every step test runs on each."""
+    return session(FIXTURE / classifier.TRAIN_STEP_GRAPHS[request.param])
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,16 @@ def test_manifest_describes_the_train_state(manifest, layout, initial_state):
     for name in layout.momentum_inputs:
         assert not initial_state[name].any(), f"{name} must start at zero"
 
-    step = manifest["graphs"]["train_step"]
+    for role in classifier.TRAIN_STEP_GRAPHS:
+        check_train_step_io(manifest["graphs"][role], layout, initial_state)
+
+    fwd = manifest["graphs"]["forward"]
+    assert [v["name"] for v in fwd["inputs"]] == ["images"]
+    assert fwd["inputs"][0]["shape"] == ["batch", 3, 32, 32]
+    assert fwd["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch", 10]}
+
+
+def check_train_step_io(step, layout, initial_state):
     assert [v["name"] for v in step["inputs"]] == layout.step_inputs
     assert [v["name"] for v in step["outputs"]] == layout.step_outputs
     by_name = {v["name"]: v for v in step["inputs"]}
@@ -150,11 +160,6 @@ def test_manifest_describes_the_train_state(manifest, layout, initial_state):
     assert by_name["labels"]["shape"] == ["batch"] and by_name["labels"]["dtype"] == "int64"
     for name in classifier.SCALAR_INPUTS:
         assert by_name[name]["shape"] == [] and by_name[name]["dtype"] == "float32"
-
-    fwd = manifest["graphs"]["forward"]
-    assert [v["name"] for v in fwd["inputs"]] == ["images"]
-    assert fwd["inputs"][0]["shape"] == ["batch", 3, 32, 32]
-    assert fwd["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch", 10]}
 
 
 def test_forward_weights_sit_at_recorded_offsets(manifest, layout, initial_state):

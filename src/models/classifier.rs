@@ -204,6 +204,11 @@ pub fn read_tensors(
 
 /// The symbolic batch dimension of the exported train-step graph.
 const TRAIN_BATCH_DIM: &str = "batch";
+/// The train step in torchvision's layout (Conv and ConvTranspose: cuDNN on a GPU).
+const TRAIN_STEP_ROLE: &str = "train_step";
+/// The same step with every convolution and its gradients as batch-wide GEMMs over [C, H, W, B]
+/// activations, for ONNX Runtime's CPU kernels (exports from before it lack it).
+const TRAIN_STEP_GEMM_ROLE: &str = "train_step_gemm";
 
 /// An opened classifier model directory.
 pub struct Classifier {
@@ -213,6 +218,8 @@ pub struct Classifier {
     /// Train-step sessions by batch size: each has its batch dimension fixed (static shapes are
     /// much faster on the CPU). An epoch needs at most two: the batch size and the remainder.
     train: Vec<(usize, Session)>,
+    /// A train-step graph chosen by the caller instead of the provider's (tests run both).
+    train_role_override: Option<&'static str>,
     forward: Option<Session>,
 }
 
@@ -225,6 +232,7 @@ impl Classifier {
             config,
             session_config,
             train: Vec::new(),
+            train_role_override: None,
             forward: None,
         })
     }
@@ -249,6 +257,34 @@ impl Classifier {
         )
     }
 
+    /// The train-step graph for the session's provider: the GEMM form on the CPU when the export
+    /// has it, else the convolution form.
+    pub fn train_role(&self) -> &'static str {
+        if let Some(role) = self.train_role_override {
+            return role;
+        }
+        let cpu = self.session_config.provider == crate::runtime::Provider::Cpu;
+        if cpu && self.dir.graph(TRAIN_STEP_GEMM_ROLE).is_ok() {
+            TRAIN_STEP_GEMM_ROLE
+        } else {
+            TRAIN_STEP_ROLE
+        }
+    }
+
+    /// Runs the convolution form (`gemm = false`) or the GEMM form of the train step whatever the
+    /// provider; an export without the GEMM form refuses it.
+    pub fn use_train_graph(&mut self, gemm: bool) -> Result<(), ClassifierError> {
+        let role = if gemm {
+            TRAIN_STEP_GEMM_ROLE
+        } else {
+            TRAIN_STEP_ROLE
+        };
+        self.dir.graph(role)?;
+        self.train_role_override = Some(role);
+        self.train.clear();
+        Ok(())
+    }
+
     /// One SGD step: updates `state` in place and returns the loss.
     pub fn train_step(
         &mut self,
@@ -269,16 +305,18 @@ impl Classifier {
                 fixed_dims: vec![(TRAIN_BATCH_DIM.to_string(), batch as i64)],
                 ..self.session_config.clone()
             };
-            let session = self.dir.session("train_step", &config)?;
+            let session = self.dir.session(self.train_role(), &config)?;
             // A third size (rare: only when the batch size changes) replaces the oldest.
             if self.train.len() >= 2 {
                 self.train.remove(0);
             }
             self.train.push((batch, session));
         }
+        let role = self.train_role();
+        let dir = self.dir.root().to_path_buf();
         let run_error = |e: ort::Error| ClassifierError::Run {
-            dir: self.dir.root().to_path_buf(),
-            role: "train_step".into(),
+            dir: dir.clone(),
+            role: role.into(),
             message: e.message().to_string(),
         };
         let labels = ndarray::Array1::from_vec(labels.to_vec());
