@@ -19,8 +19,8 @@ compare() { # compare A.png B.png TOLERANCE_MAX TOLERANCE_MEAN
     "${PYTHON:-python3}" - "$@" <<'PY'
 import sys
 from PIL import Image
-a, b = (list(Image.open(p).convert("RGB").getdata()) for p in sys.argv[1:3])
-diffs = [abs(x - y) for pa, pb in zip(a, b) for x, y in zip(pa, pb)]
+a, b = (Image.open(p).convert("RGB").tobytes() for p in sys.argv[1:3])
+diffs = [abs(x - y) for x, y in zip(a, b)]
 worst, mean = max(diffs), sum(diffs) / len(diffs)
 print(f"{sys.argv[1]} vs {sys.argv[2]}: max pixel difference {worst}, mean {mean:.4f}")
 sys.exit(0 if worst <= float(sys.argv[3]) and mean <= float(sys.argv[4]) else 1)
