@@ -279,7 +279,9 @@ def module_forward(model: nn.Module, layout: TrainStateLayout) -> StepForward:
     return forward
 
 
-def make_train_step(model: nn.Module, layout: TrainStateLayout, forward: StepForward | None = None) -> Callable[..., tuple[torch.Tensor, ...]]:
+def make_train_step(
+    model: nn.Module, layout: TrainStateLayout, forward: StepForward | None = None
+) -> Callable[..., tuple[torch.Tensor, ...]]:
     """The SGD step as a function of flat tensors in `layout.step_inputs` order, returning tensors in
     `layout.step_outputs` order. `model` must be in train mode without BN batch counters; `forward`
     (default: the model's own) maps params, BN stats and images to logits and the new BN stats."""
@@ -368,7 +370,8 @@ def _conv_input_grad(dy: torch.Tensor, weight: torch.Tensor, in_hw: tuple[int, i
     k, channels, kh, kw = weight.shape
     (sh, sw), (ph, pw) = stride, padding
     out_h, out_w, batch = dy.shape[1], dy.shape[2], dy.shape[3]
-    if (sh, sw) == (1, 1) and (kh, kw) != (1, 1) and kh - 1 >= ph and kw - 1 >= pw and weight.numel() < k * out_h * out_w * NOMINAL_BATCH:
+    stride_one = (sh, sw) == (1, 1) and (kh, kw) != (1, 1) and kh - 1 >= ph and kw - 1 >= pw
+    if stride_one and weight.numel() < k * out_h * out_w * NOMINAL_BATCH:
         cols, _ = _im2col(dy, (kh, kw), (1, 1), (kh - 1 - ph, kw - 1 - pw), flip=True)
         dx = weight.transpose(0, 1).reshape(channels, -1) @ cols
         return dx.reshape(channels, in_hw[0], in_hw[1], batch)
