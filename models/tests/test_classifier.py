@@ -247,6 +247,30 @@ def test_zero_momentum_buffer_is_torch_first_step(train_step, layout, initial_st
     assert err < GRADIENT_TOLERANCE, f"{name}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("arch", ["resnet-tiny", "resnet18", "resnet50"])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_gemm_step_function_is_torch_sgd_in_float64(arch, nesterov):
+    """The GEMM train step's function (channels_first_forward, before any export) is exactly
+    torch.optim.SGD in float64, for every block kind: BasicBlock (resnet-tiny, resnet18) and
+    Bottleneck with 1x1 and stride-2 convolutions (resnet50), which the fixture does not cover."""
+    torch.manual_seed(1)
+    model = classifier.build_model(arch, 7).double()
+    layout = TrainStateLayout.of(model)
+    step_model = classifier._without_batch_counters(model).train()
+    state = classifier.train_state_of(step_model, layout)
+    images = torch.randn(3, 3, 64, 64, dtype=torch.float64)
+    labels = torch.tensor([0, 5, 2])
+    scalars = [torch.tensor(v, dtype=torch.float64) for v in (0.1, 0.9, 5e-4, float(nesterov), 0.1)]
+    step = classifier.make_train_step(step_model, layout, classifier.channels_first_forward(step_model))
+    got = dict(zip(layout.step_outputs, step(*(state[n] for n in layout.tensor_inputs), images, labels, *scalars)))
+    (want,) = classifier.torch_sgd_steps(
+        model, layout, [(images, labels)], lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=nesterov, label_smoothing=0.1
+    )
+    for name, expected in want.items():
+        err = ((got[name] - expected).abs().max() / expected.abs().max().clamp_min(1e-300)).item()
+        assert err < 1e-9, f"{arch} {name}: relative error {err:.2e}"
+
+
 def test_train_step_normalises_with_batch_statistics(train_step, layout, initial_state):
     """The BN trap: an exported "training" graph that normalises with the running stats would match
     the eval-mode step instead. Give the running stats values far from the batch's so the two
