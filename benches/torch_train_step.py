@@ -44,7 +44,7 @@ def main() -> None:
         loss = loss_fn(model(images), labels)
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     for _ in range(args.warmup):
         step()
