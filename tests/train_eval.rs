@@ -156,6 +156,21 @@ fn train_step_graph_matches_torch_sgd(gemm: bool) {
     eprintln!("gemm {gemm}: worst relative errors: {worst:?}");
 }
 
+/// The CPU runs the GEMM form of the train step, a GPU the convolution form (cuDNN's kernels).
+#[test]
+fn train_graph_follows_the_provider() {
+    use cip::runtime::Provider;
+    let dir = fixtures().join("resnet-tiny");
+    let on = |provider| {
+        Classifier::open(&dir, SessionConfig::with_provider(provider))
+            .unwrap()
+            .train_role()
+    };
+    assert_eq!(on(Provider::Cpu), "train_step_gemm");
+    assert_eq!(on(Provider::Cuda(0)), "train_step");
+    assert_eq!(on(Provider::TensorRt(1)), "train_step");
+}
+
 /// Ten steps chained in Rust over the batch sequence index.json names, against torch's tenth.
 #[test]
 fn ten_chained_steps_stay_within_1e_4_of_torch() {
