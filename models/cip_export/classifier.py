@@ -17,7 +17,7 @@ Directory contents (models/README.md, section "classifier", is the contract):
   batch dimension is dynamic (`batch`, at least 2: BN in train mode needs two values per channel).
 - `train_step_gemm.onnx`: the same step, same inputs and outputs, with activations laid out
   [C, H, W, B] and every convolution and its two gradients as one GEMM over the batch
-  (`channels_first_forward`): about 1.4-2x faster on ONNX Runtime's CPU kernels. cip runs it on the
+  (`channels_first_forward`): about twice as fast on ONNX Runtime's CPU kernels. cip runs it on the
   CPU and `train_step.onnx` (cuDNN's convolutions) on a GPU.
 - `state.safetensors`: the initial train state, named exactly like the train-step inputs, momentum
   buffers zero. A zero buffer is exact for torch's first step: torch sets buf = d_p there, and
