@@ -267,7 +267,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: t
 StepForward = Callable[[dict, dict, torch.Tensor], tuple[torch.Tensor, dict]]
 
 
-def module_forward(model: nn.Module, layout: TrainStateLayout) -> StepForward:
+def module_forward(model: nn.Module) -> StepForward:
     """The model's own forward (torchvision's modules, NCHW): BN updates its running stats in place,
     so it gets copies, returned as the new stats."""
 
@@ -286,7 +286,7 @@ def make_train_step(
     `layout.step_outputs` order. `model` must be in train mode without BN batch counters; `forward`
     (default: the model's own) maps params, BN stats and images to logits and the new BN stats."""
     n_params, n_stats = len(layout.params), len(layout.stats)
-    forward = forward or module_forward(model, layout)
+    forward = forward or module_forward(model)
 
     def step(*flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         params = dict(zip(layout.params, flat[:n_params]))
