@@ -218,8 +218,8 @@ pub struct Classifier {
     /// Train-step sessions by batch size: each has its batch dimension fixed (static shapes are
     /// much faster on the CPU). An epoch needs at most two: the batch size and the remainder.
     train: Vec<(usize, Session)>,
-    /// A train-step graph chosen by the caller instead of the provider's (tests run both).
-    train_role_override: Option<&'static str>,
+    /// The train-step graph these sessions run (`train_role`).
+    train_role: &'static str,
     forward: Option<Session>,
 }
 
@@ -227,12 +227,19 @@ impl Classifier {
     pub fn open(dir: &Path, session_config: SessionConfig) -> Result<Classifier, ClassifierError> {
         let dir = ModelDir::open(dir, Some(Family::Classifier))?;
         let config: ClassifierConfig = dir.config_as()?;
+        // The GEMM form on the CPU when the export has it, else the convolution form.
+        let cpu = session_config.provider == crate::runtime::Provider::Cpu;
+        let train_role = if cpu && dir.graph(TRAIN_STEP_GEMM_ROLE).is_ok() {
+            TRAIN_STEP_GEMM_ROLE
+        } else {
+            TRAIN_STEP_ROLE
+        };
         Ok(Classifier {
             dir,
             config,
             session_config,
             train: Vec::new(),
-            train_role_override: None,
+            train_role,
             forward: None,
         })
     }
@@ -258,17 +265,9 @@ impl Classifier {
     }
 
     /// The train-step graph for the session's provider: the GEMM form on the CPU when the export
-    /// has it, else the convolution form.
+    /// has it, else the convolution form (or what `use_train_graph` chose).
     pub fn train_role(&self) -> &'static str {
-        if let Some(role) = self.train_role_override {
-            return role;
-        }
-        let cpu = self.session_config.provider == crate::runtime::Provider::Cpu;
-        if cpu && self.dir.graph(TRAIN_STEP_GEMM_ROLE).is_ok() {
-            TRAIN_STEP_GEMM_ROLE
-        } else {
-            TRAIN_STEP_ROLE
-        }
+        self.train_role
     }
 
     /// Runs the convolution form (`gemm = false`) or the GEMM form of the train step whatever the
@@ -280,7 +279,7 @@ impl Classifier {
             TRAIN_STEP_ROLE
         };
         self.dir.graph(role)?;
-        self.train_role_override = Some(role);
+        self.train_role = role;
         self.train.clear();
         Ok(())
     }
@@ -305,14 +304,14 @@ impl Classifier {
                 fixed_dims: vec![(TRAIN_BATCH_DIM.to_string(), batch as i64)],
                 ..self.session_config.clone()
             };
-            let session = self.dir.session(self.train_role(), &config)?;
+            let session = self.dir.session(self.train_role, &config)?;
             // A third size (rare: only when the batch size changes) replaces the oldest.
             if self.train.len() >= 2 {
                 self.train.remove(0);
             }
             self.train.push((batch, session));
         }
-        let role = self.train_role();
+        let role = self.train_role;
         let dir = self.dir.root().to_path_buf();
         let run_error = |e: ort::Error| ClassifierError::Run {
             dir: dir.clone(),
