@@ -17,10 +17,18 @@ fn reference() -> PathBuf {
     fixtures().join("reference/classifier")
 }
 
-fn single_thread() -> SessionConfig {
+/// One thread, on the CPU unless `CIP_TEST_PROVIDER` names a GPU: tests/gpu/cuda-check.sh runs
+/// the parity tests on `cuda:0` that way.
+fn parity_session() -> SessionConfig {
+    let provider = match std::env::var("CIP_TEST_PROVIDER") {
+        Ok(name) => name
+            .parse()
+            .unwrap_or_else(|e| panic!("CIP_TEST_PROVIDER={name}: {e}")),
+        Err(_) => cip::runtime::Provider::Cpu,
+    };
     SessionConfig {
         intra_threads: Some(1),
-        ..SessionConfig::default()
+        ..SessionConfig::with_provider(provider)
     }
 }
 
@@ -85,7 +93,7 @@ fn train_step_graph_matches_torch_sgd(gemm: bool) {
     let index = index();
     let tolerance = &index["tolerance"];
     let mut classifier =
-        Classifier::open(&fixtures().join("resnet-tiny"), single_thread()).unwrap();
+        Classifier::open(&fixtures().join("resnet-tiny"), parity_session()).unwrap();
     classifier.use_train_graph(gemm).unwrap();
     let names = classifier.state_names();
     let mut chained: std::collections::BTreeMap<String, TrainState> = Default::default();
@@ -184,7 +192,7 @@ fn ten_chained_steps_stay_within_1e_4_of_torch() {
         .find(|c| c["kind"] == "train_steps")
         .expect("index.json has a ten-step case");
     let mut classifier =
-        Classifier::open(&fixtures().join("resnet-tiny"), single_thread()).unwrap();
+        Classifier::open(&fixtures().join("resnet-tiny"), parity_session()).unwrap();
     let names = classifier.state_names();
     let mut state = TrainState::read(
         &reference().join(case["state_in"].as_str().unwrap()),
@@ -232,7 +240,7 @@ fn forward_and_written_forward_model_match_torch_logits() {
     let index = index();
     let tol = index["tolerance"]["logits"].as_f64().unwrap();
     let mut classifier =
-        Classifier::open(&fixtures().join("resnet-tiny"), single_thread()).unwrap();
+        Classifier::open(&fixtures().join("resnet-tiny"), parity_session()).unwrap();
     let names = classifier.state_names();
     for case in index["cases"]
         .as_array()
@@ -252,7 +260,7 @@ fn forward_and_written_forward_model_match_torch_logits() {
         let out = tempfile::tempdir().unwrap();
         classifier.write_forward_model(&state, out.path()).unwrap();
         let mut session =
-            cip::runtime::open_session(&out.path().join("model.onnx"), &single_thread()).unwrap();
+            cip::runtime::open_session(&out.path().join("model.onnx"), &parity_session()).unwrap();
         let got = cip::models::classifier::forward_logits(&mut session, out.path(), images.view())
             .unwrap()
             .into_dyn();
@@ -561,7 +569,7 @@ fn membership_attack_scores_the_training_split_against_the_test_split() {
 
     // The member confidences, recomputed here through the library from the trained model.
     let trained = &entries(&cache, "train")[0];
-    let mut classifier = Classifier::open(trained, single_thread()).unwrap();
+    let mut classifier = Classifier::open(trained, parity_session()).unwrap();
     let config = classifier.config.clone();
     let classes: Vec<String> = std::fs::read_to_string(trained.join("classes.txt"))
         .unwrap()
@@ -797,7 +805,7 @@ fn classify_prints_topk_of_an_exported_model() {
     };
     let ranked = cip::nodes::eval::classify::classify_files(&args).unwrap();
     let mut classifier =
-        Classifier::open(&fixtures().join("resnet-tiny"), single_thread()).unwrap();
+        Classifier::open(&fixtures().join("resnet-tiny"), parity_session()).unwrap();
     let c = classifier.config.clone();
     let paths: Vec<&Path> = args.images.iter().map(PathBuf::as_path).collect();
     let batch = cip::data::augment::eval_batch(
@@ -984,7 +992,7 @@ fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
     assert_eq!(meta.metadata().as_ref().unwrap()["epoch"], "2");
     let state = TrainState::read(
         &checkpoint,
-        &Classifier::open(&fixtures().join("resnet-tiny"), single_thread())
+        &Classifier::open(&fixtures().join("resnet-tiny"), parity_session())
             .unwrap()
             .state_names(),
         "",

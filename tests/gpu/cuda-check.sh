@@ -6,7 +6,7 @@
 #   ORT_DYLIB_PATH=.../onnxruntime/capi/libonnxruntime.so.X tests/gpu/cuda-check.sh [CIP] [OUT]
 #
 # It generates with the bundled SD fixtures (fp32 and fp16) on cuda:0 and on the CPU and compares
-# the pixels, then runs the demo experiment (caption, compose, generate, train, eval) on cuda:0.
+# the pixels, runs the classifier's parity tests there, then the demo experiment (caption, compose, generate, train, eval) on cuda:0.
 # Exits non-zero when a step fails or the CUDA images stray from the CPU's.
 set -euo pipefail
 CIP=${1:-./target/release/cip}
@@ -37,6 +37,18 @@ for model in sd-tiny sd-tiny-fp16; do
     # fp32 kernels differ in summation order only; fp16 ones round at every layer.
     compare "$OUT/$model-${PROVIDER%%:*}.png" "$OUT/$model-cpu.png" 8 0.5
 done
+
+# The classifier's parity tests (forward logits; one SGD step through each train-step graph; ten
+# chained steps) against torch's CPU references, on the GPU. TRAIN_EVAL_TEST: a built test binary
+# (`cargo test --features test-kinds --test train_eval --no-run` prints it) where cargo is absent.
+if [[ -n "${TRAIN_EVAL_TEST:-}" ]]; then
+    parity=("$TRAIN_EVAL_TEST")
+else
+    parity=(cargo test --features test-kinds --test train_eval --)
+fi
+CIP_TEST_PROVIDER="$PROVIDER" "${parity[@]}" --nocapture --test-threads 1 \
+    forward_and_written_forward_model_match_torch_logits train_step_matches_torch_sgd \
+    ten_chained_steps_stay_within_1e_4_of_torch
 
 "$CIP" data demo --out experiments/data/demo
 CIP_CACHE="$OUT/cache" "$CIP" run experiments/demo.toml --provider "$PROVIDER" --results "$OUT/demo"
