@@ -8,8 +8,6 @@ PY := $(VENV)/bin/python
 CARGO ?= cargo
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-# Measured peak of a fresh `pip install` (see README, Set-up); only quoted in the error message.
-VENV_NEEDS_GB := 9
 
 .PHONY: setup test test-rust test-python parity demo build bench-plan bench-generate bench-caption bench-train slurm-up slurm-down
 
@@ -23,7 +21,7 @@ $(VENV)/.installed: models/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --no-cache-dir --upgrade pip
 	$(VENV)/bin/pip install --quiet --no-cache-dir -r models/requirements.txt || { \
-	  echo "setup: pip could not install models/requirements.txt. The venv needs about $(VENV_NEEDS_GB) GB free" \
+	  echo "setup: pip could not install models/requirements.txt. A fresh install peaks at about 9 GB" \
 	       "(torch's CUDA wheels); free here: $$(df -BG --output=avail . | tail -1 | tr -d ' ')." \
 	       "Free space, or point TMPDIR at a larger disk, and rerun make." >&2; exit 1; }
 	@$(PY) -c "import onnxruntime, torch, diffusers, transformers; print('venv ok: onnxruntime', onnxruntime.__version__, 'torch', torch.__version__)"

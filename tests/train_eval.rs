@@ -17,9 +17,9 @@ fn reference() -> PathBuf {
     fixtures().join("reference/classifier")
 }
 
-/// One thread, on the CPU unless `CIP_TEST_PROVIDER` names a GPU: tests/gpu/cuda-check.sh runs
-/// the parity tests on `cuda:0` that way.
-fn parity_session() -> SessionConfig {
+/// The library-level tests' session: one thread, on the CPU unless `CIP_TEST_PROVIDER` names a
+/// GPU (tests/gpu/cuda-check.sh runs the parity tests on `cuda:0` that way).
+fn test_session() -> SessionConfig {
     let provider = match std::env::var("CIP_TEST_PROVIDER") {
         Ok(name) => name
             .parse()
@@ -92,8 +92,7 @@ fn train_step_matches_torch_sgd() {
 fn train_step_graph_matches_torch_sgd(gemm: bool) {
     let index = index();
     let tolerance = &index["tolerance"];
-    let mut classifier =
-        Classifier::open(&fixtures().join("resnet-tiny"), parity_session()).unwrap();
+    let mut classifier = Classifier::open(&fixtures().join("resnet-tiny"), test_session()).unwrap();
     classifier.use_train_graph(gemm).unwrap();
     let names = classifier.state_names();
     let mut chained: std::collections::BTreeMap<String, TrainState> = Default::default();
@@ -191,8 +190,7 @@ fn ten_chained_steps_stay_within_1e_4_of_torch() {
         .iter()
         .find(|c| c["kind"] == "train_steps")
         .expect("index.json has a ten-step case");
-    let mut classifier =
-        Classifier::open(&fixtures().join("resnet-tiny"), parity_session()).unwrap();
+    let mut classifier = Classifier::open(&fixtures().join("resnet-tiny"), test_session()).unwrap();
     let names = classifier.state_names();
     let mut state = TrainState::read(
         &reference().join(case["state_in"].as_str().unwrap()),
@@ -239,8 +237,7 @@ fn ten_chained_steps_stay_within_1e_4_of_torch() {
 fn forward_and_written_forward_model_match_torch_logits() {
     let index = index();
     let tol = index["tolerance"]["logits"].as_f64().unwrap();
-    let mut classifier =
-        Classifier::open(&fixtures().join("resnet-tiny"), parity_session()).unwrap();
+    let mut classifier = Classifier::open(&fixtures().join("resnet-tiny"), test_session()).unwrap();
     let names = classifier.state_names();
     for case in index["cases"]
         .as_array()
@@ -260,7 +257,7 @@ fn forward_and_written_forward_model_match_torch_logits() {
         let out = tempfile::tempdir().unwrap();
         classifier.write_forward_model(&state, out.path()).unwrap();
         let mut session =
-            cip::runtime::open_session(&out.path().join("model.onnx"), &parity_session()).unwrap();
+            cip::runtime::open_session(&out.path().join("model.onnx"), &test_session()).unwrap();
         let got = cip::models::classifier::forward_logits(&mut session, out.path(), images.view())
             .unwrap()
             .into_dyn();
@@ -569,7 +566,7 @@ fn membership_attack_scores_the_training_split_against_the_test_split() {
 
     // The member confidences, recomputed here through the library from the trained model.
     let trained = &entries(&cache, "train")[0];
-    let mut classifier = Classifier::open(trained, parity_session()).unwrap();
+    let mut classifier = Classifier::open(trained, test_session()).unwrap();
     let config = classifier.config.clone();
     let classes: Vec<String> = std::fs::read_to_string(trained.join("classes.txt"))
         .unwrap()
@@ -804,8 +801,7 @@ fn classify_prints_topk_of_an_exported_model() {
         images: write_images(dir.path()),
     };
     let ranked = cip::nodes::eval::classify::classify_files(&args).unwrap();
-    let mut classifier =
-        Classifier::open(&fixtures().join("resnet-tiny"), parity_session()).unwrap();
+    let mut classifier = Classifier::open(&fixtures().join("resnet-tiny"), test_session()).unwrap();
     let c = classifier.config.clone();
     let paths: Vec<&Path> = args.images.iter().map(PathBuf::as_path).collect();
     let batch = cip::data::augment::eval_batch(
@@ -992,7 +988,7 @@ fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
     assert_eq!(meta.metadata().as_ref().unwrap()["epoch"], "2");
     let state = TrainState::read(
         &checkpoint,
-        &Classifier::open(&fixtures().join("resnet-tiny"), parity_session())
+        &Classifier::open(&fixtures().join("resnet-tiny"), test_session())
             .unwrap()
             .state_names(),
         "",

@@ -444,7 +444,8 @@ class _Relu(torch.autograd.Function):
 
 class _BatchNormTrain(torch.autograd.Function):
     """BN in train mode on [C, H, W, B]: normalise with the batch's statistics (biased variance).
-    Returns (y, mean, biased var); the statistics are not differentiated."""
+    Returns (y, xhat, rstd, mean, biased var); only y is differentiated (xhat and rstd are returned
+    for the backward pass to save, mean and var for the running statistics)."""
 
     @staticmethod
     def forward(x, weight, bias, eps):

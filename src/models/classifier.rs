@@ -311,13 +311,12 @@ impl Classifier {
             }
             self.train.push((batch, session));
         }
-        let role = self.train_role;
-        let dir = self.dir.root().to_path_buf();
-        let run_error = |e: ort::Error| ClassifierError::Run {
-            dir: dir.clone(),
-            role: role.into(),
-            message: e.message().to_string(),
+        let fail = |message: String| ClassifierError::Run {
+            dir: self.dir.root().to_path_buf(),
+            role: self.train_role.into(),
+            message,
         };
+        let run_error = |e: ort::Error| fail(e.message().to_string());
         let labels = ndarray::Array1::from_vec(labels.to_vec());
         let scalar = |v: f32| ndarray::arr0(v).into_dyn();
         let scalar_values = [
@@ -373,15 +372,11 @@ impl Classifier {
                 .try_extract_array::<f32>()
                 .map_err(run_error)?;
             if value.shape() != tensor.shape() {
-                return Err(ClassifierError::Run {
-                    dir,
-                    role: role.into(),
-                    message: format!(
-                        "output {prefix}{name} has shape {:?}, the state tensor {:?}",
-                        value.shape(),
-                        tensor.shape()
-                    ),
-                });
+                return Err(fail(format!(
+                    "output {prefix}{name} has shape {:?}, the state tensor {:?}",
+                    value.shape(),
+                    tensor.shape()
+                )));
             }
             updated.push(value);
         }

@@ -6,7 +6,8 @@
 #   ORT_DYLIB_PATH=.../onnxruntime/capi/libonnxruntime.so.X tests/gpu/cuda-check.sh [CIP] [OUT]
 #
 # It generates with the bundled SD fixtures (fp32 and fp16) on cuda:0 and on the CPU and compares
-# the pixels, runs the classifier's parity tests there, then the demo experiment (caption, compose, generate, train, eval) on cuda:0.
+# the pixels, runs the classifier's parity tests on cuda:0, then the demo experiment (caption,
+# compose, generate, train, eval) there.
 # Exits non-zero when a step fails or the CUDA images stray from the CPU's.
 set -euo pipefail
 CIP=${1:-./target/release/cip}
